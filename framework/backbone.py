@@ -1,0 +1,34 @@
+"""The backbone interface: a recommender that scores (user, item) pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from metarec.schema import DataSchema
+
+
+class Backbone(nn.Module):
+    """Scores (user, item) pairs from a feature batch with any leading dimensions.
+
+    ``forward(features)`` takes a mapping of tensors shaped ``(*lead, ...)`` (see
+    :mod:`metarec.data.episodes` for the keys) and returns scores shaped ``(*lead,)``: a
+    predicted rating in explicit mode, a logit in implicit mode. It must be a pure function
+    of its parameters and inputs so that it runs unchanged under ``torch.func.vmap``.
+
+    ``default_fast_parameters`` names (as ``fnmatch`` patterns) the parameters adapted per
+    task; everything else is slow (shared). Never make a whole embedding table fast.
+    """
+
+    def __init__(self, schema: DataSchema) -> None:
+        super().__init__()
+        self.schema = schema
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def default_fast_parameters(self) -> list[str]:
+        """Patterns of the parameters adapted per task by default."""
+        raise NotImplementedError

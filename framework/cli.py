@@ -1,0 +1,74 @@
+"""The ``metarec`` command: LightningCLI (fit/validate/test/predict) plus ``metarec plugins``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from metarec import registry
+from metarec.datamodule import EpisodeDataModule
+from metarec.module import MetaLearner
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    # validate/test adapt with gradients: inference_mode would kill the inner loop.
+    "inference_mode": False,
+    "default_root_dir": "runs",
+}
+# Defaults given as configs (class_path/init_args), set on the parser so that they are
+# instantiated like a recipe's own and a recipe's trainer.logger / trainer.callbacks replace them.
+PARSER_DEFAULTS: dict[str, Any] = {
+    "trainer.logger": [
+        {"class_path": "metarec.loggers.WandbLogger", "init_args": {"save_dir": "runs"}},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger",
+         "init_args": {"save_dir": "runs", "name": "csv"}},
+    ],
+    "trainer.callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+        {"class_path": "metarec.callbacks.MetricsSummary"},
+    ],
+}
+
+
+class MetarecCLI(LightningCLI):
+    """LightningCLI for MetaLearner + EpisodeDataModule, OmegaConf recipes, seeded by default."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(MetaLearner, EpisodeDataModule, args=args, run=run,
+                         auto_configure_optimizers=False, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.schema", "model.schema", apply_on="instantiate")
+        parser.set_defaults(PARSER_DEFAULTS)
+
+
+def print_plugins(stream: Any = None) -> None:
+    """Print every plugin group: alias, class path, distribution and version."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=stream or sys.stdout, width=140)
+    for kind in registry.GROUPS:
+        table = Table(title=f"{kind} ({registry.GROUPS[kind]})", title_justify="left")
+        for col in ("alias", "class", "distribution", "version"):
+            table.add_column(col)
+        for info in registry.available(kind):
+            table.add_row(info.alias, info.target, info.distribution, info.version)
+        console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plugins"]:
+        print_plugins()
+        return
+    MetarecCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

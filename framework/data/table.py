@@ -1,0 +1,93 @@
+"""The columnar interaction table every dataset plugin produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from metarec.data.errors import DataError
+from metarec.schema import DataSchema, Feedback, FeatureSpec
+
+
+@dataclass
+class Feature:
+    """Values of one feature for every user (or item), indexed by the contiguous id."""
+
+    spec: FeatureSpec
+    values: np.ndarray  # (num_entities,) int64 codes, or (num_entities, cardinality) 0/1 float32
+
+    def __post_init__(self) -> None:
+        spec = self.spec
+        if spec.kind == "categorical":
+            self.values = np.asarray(self.values, dtype=np.int64)
+            if self.values.ndim != 1:
+                raise DataError("categorical feature values must be one-dimensional", field=spec.key)
+            if len(self.values) and (self.values.min() < 0 or self.values.max() >= spec.cardinality):
+                raise DataError(f"codes must lie in [0, {spec.cardinality})", field=spec.key)
+        else:
+            self.values = np.asarray(self.values, dtype=np.float32)
+            if self.values.ndim != 2 or self.values.shape[1] != spec.cardinality:
+                raise DataError(f"multi-hot values must have shape (n, {spec.cardinality})",
+                                field=spec.key)
+
+
+@dataclass
+class InteractionTable:
+    """Interactions with contiguous integer ids, plus user and item feature tables.
+
+    ``users[i]`` rated (or clicked) ``items[i]`` with ``labels[i]`` at ``timestamps[i]``.
+    ``user_keys`` / ``item_keys`` map contiguous ids back to the source's raw ids.
+    """
+
+    users: np.ndarray
+    items: np.ndarray
+    labels: np.ndarray
+    timestamps: np.ndarray
+    num_users: int
+    num_items: int
+    user_features: list[Feature] = field(default_factory=list)
+    item_features: list[Feature] = field(default_factory=list)
+    feedback: Feedback = "explicit"
+    rating_range: tuple[float, float] | None = (1.0, 5.0)
+    user_keys: np.ndarray | None = None
+    item_keys: np.ndarray | None = None
+    source: str = "<table>"
+
+    def __post_init__(self) -> None:
+        self.users = np.asarray(self.users, dtype=np.int64)
+        self.items = np.asarray(self.items, dtype=np.int64)
+        self.labels = np.asarray(self.labels, dtype=np.float32)
+        self.timestamps = np.asarray(self.timestamps, dtype=np.int64)
+        n = len(self.users)
+        for name in ("items", "labels", "timestamps"):
+            if len(getattr(self, name)) != n:
+                raise DataError(f"column {name!r} has {len(getattr(self, name))} rows, users has {n}",
+                                source=self.source)
+        for name, bound in (("users", self.num_users), ("items", self.num_items)):
+            col = getattr(self, name)
+            if n and (col.min() < 0 or col.max() >= bound):
+                raise DataError(f"ids must lie in [0, {bound})", source=self.source, field=name)
+        if not np.isfinite(self.labels).all():
+            row = int(np.flatnonzero(~np.isfinite(self.labels))[0])
+            raise DataError(f"label is not finite at row {row}", source=self.source, field="label")
+        for feats, owner, count in ((self.user_features, "user", self.num_users),
+                                    (self.item_features, "item", self.num_items)):
+            for f in feats:
+                if f.spec.owner != owner or len(f.values) != count:
+                    raise DataError(f"expected {count} rows of {owner} features, got {len(f.values)}",
+                                    source=self.source, field=f.spec.key)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @property
+    def schema(self) -> DataSchema:
+        specs = tuple(f.spec for f in self.user_features + self.item_features)
+        return DataSchema(self.num_users, self.num_items, specs, self.feedback, self.rating_range)
+
+
+def encode_ids(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map raw ids to contiguous codes. Returns ``(codes, keys)`` with ``keys[codes] == raw``."""
+    keys, codes = np.unique(np.asarray(raw), return_inverse=True)
+    return codes.astype(np.int64), keys

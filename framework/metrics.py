@@ -1,0 +1,139 @@
+"""Metrics of adapted models on query sets, at every adaptation step.
+
+How relevance is defined on a query set (``MetricsConfig.relevance``):
+
+- ``threshold`` (default): an item is relevant when its true rating is at least
+  ``relevance_threshold`` (default: the top of the rating scale minus one, i.e. 4 on 1-5
+  stars); in implicit mode, when its label is 1. nDCG uses these binary gains.
+- ``graded``: as ``threshold`` for Precision/Recall/HitRate/MRR, but nDCG uses the graded
+  gain ``2^rating - 1`` (MeLU's definition).
+- ``recbole``: RecBole-MetaRec's rule: the ``recbole_positives`` (5) query items with the
+  highest true rating are the positives, ties broken by query position (earlier first).
+
+Ranking metrics rank each task's query items by predicted score and are averaged over tasks
+(tasks with no relevant item are skipped); MAE/RMSE and the classification metrics pool all
+query interactions. ``adapt_ratio`` is each task's query loss after the step divided by its
+query loss at step 0, averaged over tasks. All reductions are torchmetrics states, so they are
+synchronised correctly across DDP ranks (sums and counts, not means of means).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
+from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryF1Score,
+                                         BinaryPrecision, BinaryRecall)
+from torchmetrics.retrieval import (RetrievalHitRate, RetrievalMRR, RetrievalNormalizedDCG,
+                                    RetrievalPrecision, RetrievalRecall)
+
+from metarec.data.episodes import FeatureBatch
+
+
+@dataclass
+class MetricsConfig:
+    """Which metrics are reported and how query relevance is defined (see module docs)."""
+
+    top_k: list[int] = field(default_factory=lambda: [5])
+    relevance: Literal["threshold", "graded", "recbole"] = "threshold"
+    relevance_threshold: float | None = None
+    recbole_positives: int = 5
+    classification_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.top_k or min(self.top_k) < 1:
+            raise ValueError(f"metrics.top_k must be a non-empty list of k >= 1, got {self.top_k}")
+        if self.relevance not in ("threshold", "graded", "recbole"):
+            raise ValueError(f"metrics.relevance must be threshold, graded or recbole, "
+                             f"got {self.relevance!r}")
+
+
+def relevance(labels: torch.Tensor, mask: torch.Tensor, config: MetricsConfig, feedback: str,
+              rating_range: tuple[float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary relevance and nDCG gain of each query slot ``(B, Q)`` under ``config``."""
+    if feedback == "implicit":
+        rel = (labels > 0.5) & mask
+        return rel, rel.to(labels.dtype)
+    if config.relevance == "recbole":
+        key = labels.masked_fill(~mask, float("-inf"))
+        order = torch.argsort(key, dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        rel = (rank < config.recbole_positives) & mask
+        return rel, rel.to(labels.dtype)
+    threshold = config.relevance_threshold
+    if threshold is None:
+        threshold = rating_range[1] - 1.0 if rating_range else 0.5
+    rel = (labels >= threshold) & mask
+    if config.relevance == "graded":
+        return rel, torch.where(mask, 2.0 ** labels - 1.0, torch.zeros_like(labels))
+    return rel, rel.to(labels.dtype)
+
+
+class AdaptationMetrics(nn.Module):
+    """One torchmetrics collection per adaptation step ``0..steps``."""
+
+    def __init__(self, steps: int, feedback: str, config: MetricsConfig,
+                 rating_range: tuple[float, float] | None) -> None:
+        super().__init__()
+        self.feedback, self.config, self.rating_range = feedback, config, rating_range
+        self.per_step = nn.ModuleList([self._collection() for _ in range(steps + 1)])
+
+    def _collection(self) -> MetricCollection:
+        m: dict[str, nn.Module] = {"loss": MeanMetric(), "adapt_ratio": MeanMetric()}
+        if self.feedback == "explicit":
+            m["mae"] = MeanAbsoluteError()
+            m["rmse"] = MeanSquaredError(squared=False)
+        else:
+            t = self.config.classification_threshold
+            m.update(auc=BinaryAUROC(), accuracy=BinaryAccuracy(threshold=t),
+                     precision=BinaryPrecision(threshold=t), recall=BinaryRecall(threshold=t),
+                     f1=BinaryF1Score(threshold=t))
+        for k in self.config.top_k:
+            m[f"ndcg@{k}"] = RetrievalNormalizedDCG(top_k=k, empty_target_action="skip")
+            m[f"precision@{k}"] = RetrievalPrecision(top_k=k, empty_target_action="skip")
+            m[f"recall@{k}"] = RetrievalRecall(top_k=k, empty_target_action="skip")
+            m[f"hitrate@{k}"] = RetrievalHitRate(top_k=k, empty_target_action="skip")
+            m[f"mrr@{k}"] = RetrievalMRR(top_k=k, empty_target_action="skip")
+        return MetricCollection(m, compute_groups=False)
+
+    @torch.no_grad()
+    def update(self, step: int, scores: torch.Tensor, query: FeatureBatch, task_ids: torch.Tensor,
+               losses: torch.Tensor, base_losses: torch.Tensor) -> None:
+        """Add one batch of tasks at adaptation ``step``: scores ``(B, Q)``, losses ``(B,)``."""
+        mask, labels = query["mask"], query["label"]
+        rel, gain = relevance(labels, mask, self.config, self.feedback, self.rating_range)
+        index = task_ids[:, None].expand_as(mask)[mask]
+        preds, target = scores[mask], labels[mask]
+        metrics = self.per_step[step]
+        for name, metric in metrics.items():
+            if name == "loss":
+                metric.update(losses)
+            elif name == "adapt_ratio":
+                metric.update(losses / base_losses.clamp_min(1e-12))
+            elif name in ("mae", "rmse"):
+                metric.update(preds, target)
+            elif name.startswith("ndcg@"):
+                metric.update(preds, gain[mask], indexes=index)
+            elif "@" in name:
+                metric.update(preds, rel[mask], indexes=index)
+            else:  # binary classification on probabilities
+                metric.update(torch.sigmoid(preds), target.round().long())
+
+    def compute(self, prefix: str) -> dict[str, torch.Tensor]:
+        """``{prefix}/step{s}/{name}`` for every step, and ``{prefix}/{name}`` for the last."""
+        out = {}
+        last = len(self.per_step) - 1
+        for step, metrics in enumerate(self.per_step):
+            for name, value in metrics.compute().items():
+                out[f"{prefix}/step{step}/{name}"] = value
+                if step == last:
+                    out[f"{prefix}/{name}"] = value
+        return out
+
+    def reset(self) -> None:
+        for metrics in self.per_step:
+            metrics.reset()

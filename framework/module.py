@@ -1,0 +1,119 @@
+"""MetaLearner: the LightningModule that wires backbone, meta-algorithm and policy together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from metarec import registry
+from metarec.data.episodes import EpisodeBatch
+from metarec.functional import FunctionalModel, select_parameters
+from metarec.metrics import AdaptationMetrics, MetricsConfig
+from metarec.schema import DataSchema
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+class MetaLearner(pl.LightningModule):
+    """Meta-trains a backbone with a meta-algorithm; evaluates it through an adaptation policy.
+
+    ``training_step`` returns the algorithm's outer loss. ``validation_step``/``test_step``
+    adapt each task with the policy from the meta-learned start and report metrics at every
+    adaptation step (see :mod:`metarec.metrics`). Adaptation is functional: the module's own
+    parameters are never changed by it, so evaluating twice gives identical numbers.
+
+    Args:
+        backbone, algorithm, policy: plugin alias or class path.
+        backbone_args, algorithm_args, policy_args: their arguments.
+        optimizer: outer optimiser factory (default Adam, lr 1e-3).
+        metrics: which metrics, and how query relevance is defined.
+        schema: the data schema; the CLI links it from the datamodule.
+    """
+
+    def __init__(self, backbone: str = "melu", backbone_args: dict[str, Any] | None = None,
+                 algorithm: str = "maml", algorithm_args: dict[str, Any] | None = None,
+                 policy: str = "finetune", policy_args: dict[str, Any] | None = None,
+                 optimizer: OptimizerFactory | None = None,
+                 metrics: MetricsConfig | None = None,
+                 schema: DataSchema | None = None) -> None:
+        super().__init__()
+        if schema is None:
+            raise ValueError("MetaLearner needs the data schema: run it through the metarec CLI, "
+                             "or pass schema=datamodule.schema")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.schema = schema
+        self.backbone = registry.build("backbones", backbone, backbone_args, schema=schema)
+        self.algorithm = registry.build("algorithms", algorithm, algorithm_args)
+        self.policy = registry.build("policies", policy, policy_args)
+        patterns = self.algorithm.fast_parameters or self.backbone.default_fast_parameters()
+        self.functional = FunctionalModel(self.backbone, select_parameters(self.backbone, patterns),
+                                          schema.feedback)
+        self.algorithm.bind(self.functional)
+        self.policy.bind(self.algorithm)
+        self.optimizer_factory = optimizer
+        self.metrics_config = metrics or MetricsConfig()
+        self.val_metrics = AdaptationMetrics(self.policy.max_steps, schema.feedback,
+                                             self.metrics_config, schema.rating_range)
+        self.test_metrics = AdaptationMetrics(self.policy.max_steps, schema.feedback,
+                                              self.metrics_config, schema.rating_range)
+
+    # -- meta-training -------------------------------------------------------------------
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> torch.Tensor:
+        loss, logs = self.algorithm.outer_loss(self.functional, batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        for name, value in logs.items():
+            self.log(f"train/{name}", value, batch_size=len(batch))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            return torch.optim.Adam(params, lr=1e-3)
+        return self.optimizer_factory(params)
+
+    # -- adaptation and evaluation --------------------------------------------------------
+    def adapt(self, batch: EpisodeBatch) -> list[dict[str, torch.Tensor]]:
+        """The policy's iterates (steps 0..k) for each task of ``batch``; module unchanged."""
+        fast, slow = self.functional.split()
+        fast = {k: v.detach() for k, v in fast.items()}
+        slow = {k: v.detach() for k, v in slow.items()}
+        return self.policy.adapt(self.functional, fast, slow, batch.support)
+
+    def _evaluate(self, batch: EpisodeBatch, metrics: AdaptationMetrics) -> None:
+        slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
+        base = None
+        for step, fast in enumerate(self.adapt(batch)):
+            scores = self.functional.predict_tasks(fast, slow, batch.query)
+            losses = self.functional.loss_tasks(fast, slow, batch.query)
+            base = losses if base is None else base
+            metrics.update(step, scores, batch.query, batch.users, losses, base)
+
+    def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def _log_metrics(self, metrics: AdaptationMetrics, prefix: str) -> None:
+        values = metrics.compute(prefix)
+        headline = {f"{prefix}/loss", f"{prefix}/ndcg@{self.metrics_config.top_k[0]}"}
+        self.log_dict({k: v for k, v in values.items() if k in headline}, prog_bar=True)
+        self.log_dict({k: v for k, v in values.items() if k not in headline})
+        metrics.reset()
+
+    def predict_step(self, batch: EpisodeBatch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Adapted scores for each task's query items: users, items, scores, labels, mask."""
+        slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
+        fast = self.adapt(batch)[-1]
+        return {"users": batch.users, "items": batch.query["item_id"],
+                "scores": self.functional.predict_tasks(fast, slow, batch.query),
+                "labels": batch.query["label"], "mask": batch.query["mask"]}

@@ -1,0 +1,44 @@
+"""What a backbone needs to know about the data: entity counts, feature specs, feedback type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FeatureKind = Literal["categorical", "multihot"]
+Owner = Literal["user", "item"]
+Feedback = Literal["explicit", "implicit"]
+
+
+@dataclass
+class FeatureSpec:
+    """One side-information column.
+
+    ``categorical`` features are integer codes in ``[0, cardinality)``; ``multihot`` features
+    are 0/1 vectors of width ``cardinality`` (e.g. a movie's genres).
+    """
+
+    name: str
+    owner: Owner
+    kind: FeatureKind
+    cardinality: int
+
+    @property
+    def key(self) -> str:
+        """The key of this feature in a feature batch, e.g. ``"user.age"``."""
+        return f"{self.owner}.{self.name}"
+
+
+@dataclass
+class DataSchema:
+    """Shapes and semantics of a data set, handed from the datamodule to the backbone."""
+
+    num_users: int
+    num_items: int
+    features: tuple[FeatureSpec, ...] = field(default_factory=tuple)
+    feedback: Feedback = "explicit"
+    rating_range: tuple[float, float] | None = (1.0, 5.0)
+
+    def of(self, owner: Owner) -> tuple[FeatureSpec, ...]:
+        """The feature specs that belong to users or to items."""
+        return tuple(f for f in self.features if f.owner == owner)

@@ -1,0 +1,1 @@
+"""Built-in metarec plugins. They use only the public API of ``metarec``, like third-party ones."""

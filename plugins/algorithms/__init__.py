@@ -1,0 +1,1 @@
+"""Built-in algorithms (registered in pyproject.toml under metarec.algorithms)."""

@@ -1,0 +1,1 @@
+"""Built-in backbones (registered in pyproject.toml under metarec.backbones)."""

@@ -1,0 +1,74 @@
+"""MeLU backbone (Lee et al., KDD 2019: "MeLU: Meta-Learned User Preference Estimator").
+
+User and item side information is embedded (one table per categorical feature; multi-hot
+features such as genres are the mean of their category embeddings), the user and item
+embeddings are concatenated and passed through the *decision layers* (an MLP) and a linear
+*output layer*. As in the paper, only the decision and output layers adapt per task (fast);
+the embeddings are global (slow). Optional id embeddings (``use_ids``) are slow as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from metarec import Backbone, DataSchema
+
+
+class MeLU(Backbone):
+    """MeLU: feature embeddings -> decision layers -> output.
+
+    Args:
+        schema: the data schema (provided by the framework).
+        embedding_dim: width of every feature embedding (paper: 32).
+        hidden: widths of the decision layers (paper: 64, 64).
+        use_ids: also embed the user and item ids (slow parameters).
+    """
+
+    def __init__(self, schema: DataSchema, embedding_dim: int = 32,
+                 hidden: Sequence[int] = (64, 64), use_ids: bool = False) -> None:
+        super().__init__(schema)
+        if embedding_dim < 1 or not hidden or min(hidden) < 1:
+            raise ValueError("embedding_dim and every hidden width must be >= 1")
+        self.specs = list(schema.features)
+        if not self.specs and not use_ids:
+            raise ValueError("MeLU needs user/item features or use_ids=True")
+        self.embeddings = nn.ModuleDict()
+        for spec in self.specs:
+            name = spec.key.replace(".", "__")
+            self.embeddings[name] = (nn.Embedding(spec.cardinality, embedding_dim)
+                                     if spec.kind == "categorical"
+                                     else nn.Linear(spec.cardinality, embedding_dim, bias=False))
+        self.use_ids = use_ids
+        if use_ids:
+            self.user_embedding = nn.Embedding(schema.num_users, embedding_dim)
+            self.item_embedding = nn.Embedding(schema.num_items, embedding_dim)
+        width = embedding_dim * (len(self.specs) + 2 * int(use_ids))
+        layers: list[nn.Module] = []
+        for i, h in enumerate(hidden):
+            layers += [nn.Linear(width if i == 0 else hidden[i - 1], h), nn.ReLU()]
+        self.decision = nn.Sequential(*layers)
+        self.output = nn.Linear(hidden[-1], 1)
+        if schema.feedback == "explicit" and schema.rating_range is not None:
+            # Start at the middle of the rating scale rather than at 0.
+            nn.init.constant_(self.output.bias, sum(schema.rating_range) / 2)
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        parts = []
+        for spec in self.specs:
+            table = self.embeddings[spec.key.replace(".", "__")]
+            x = features[spec.key]
+            if spec.kind == "categorical":
+                parts.append(table(x))
+            else:  # mean of the embeddings of the active categories
+                x = x.to(table.weight.dtype)
+                parts.append(table(x) / x.sum(-1, keepdim=True).clamp_min(1.0))
+        if self.use_ids:
+            parts += [self.user_embedding(features["user_id"]),
+                      self.item_embedding(features["item_id"])]
+        return self.output(self.decision(torch.cat(parts, dim=-1))).squeeze(-1)
+
+    def default_fast_parameters(self) -> list[str]:
+        return ["decision.*", "output.*"]

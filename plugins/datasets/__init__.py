@@ -1,0 +1,1 @@
+"""Built-in datasets (registered in pyproject.toml under metarec.datasets)."""

@@ -1,0 +1,1 @@
+"""Built-in policies (registered in pyproject.toml under metarec.policies)."""
