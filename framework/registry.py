@@ -22,6 +22,10 @@ GROUPS: dict[str, str] = {
 }
 
 
+SINGULAR = {"backbones": "backbone", "algorithms": "algorithm", "policies": "policy",
+            "datasets": "dataset"}
+
+
 class PluginError(LookupError):
     """A plugin could not be found, loaded or configured."""
 
@@ -79,23 +83,23 @@ def _load(kind: str, name: str) -> Any:
     if eps:
         if len(eps) > 1:
             owners = ", ".join(f"{ep.value} ({_dist(ep)[0]})" for ep in eps)
-            raise PluginError(f"{kind[:-1]} alias {name!r} is registered more than once: {owners}")
+            raise PluginError(f"{SINGULAR[kind]} alias {name!r} is registered more than once: {owners}")
         ep = eps[0]
         try:
             return ep.load()
         except Exception as err:  # noqa: BLE001 - any import failure is reported with its source
             dist, version = _dist(ep)
             raise PluginError(
-                f"{kind[:-1]} plugin {name!r} ({ep.value}) from distribution {dist} {version} "
+                f"{SINGULAR[kind]} plugin {name!r} ({ep.value}) from distribution {dist} {version} "
                 f"failed to load: {type(err).__name__}: {err}") from err
     if "." in name or ":" in name:
         module, _, attr = name.replace(":", ".").rpartition(".")
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as err:
-            raise PluginError(f"{kind[:-1]} class path {name!r} cannot be imported: {err}") from err
+            raise PluginError(f"{SINGULAR[kind]} class path {name!r} cannot be imported: {err}") from err
     known = ", ".join(sorted(_entry_points(kind))) or "(none registered)"
-    raise PluginError(f"unknown {kind[:-1]} {name!r}; registered {kind}: {known}")
+    raise PluginError(f"unknown {SINGULAR[kind]} {name!r}; registered {kind}: {known}")
 
 
 def resolve(kind: str, name: str | type) -> Any:
@@ -119,10 +123,10 @@ def build(kind: str, name: str | type, args: dict[str, Any] | None = None, **con
                 (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
     unknown = [a for a in args if a not in params and not takes_kwargs]
     if unknown:
-        raise PluginError(f"{kind[:-1]} {name!r} got unknown argument(s) {unknown}; "
+        raise PluginError(f"{SINGULAR[kind]} {name!r} got unknown argument(s) {unknown}; "
                           f"it accepts {accepted}")
     context = {k: v for k, v in context.items() if k in params or takes_kwargs}
     try:
         return cls(**args, **context)
     except (TypeError, ValueError) as err:
-        raise PluginError(f"{kind[:-1]} {name!r}: {err}") from err
+        raise PluginError(f"{SINGULAR[kind]} {name!r}: {err}") from err

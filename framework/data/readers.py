@@ -48,6 +48,12 @@ def read_frame(path: str | Path, *, sep: str = ",", names: Sequence[str] | None 
         raise DataError(f"not valid {encoding} text ({err.reason})", source=str(path)) from None
     frame.attrs["line"] = _file_lines(path, len(frame), header, encoding)
     frame.attrs["source"] = str(path)
+    if not isinstance(frame.index, pd.RangeIndex):
+        # pandas silently turns the surplus leading fields of a first data row that is longer
+        # than the header (or ``names``) into an index, shifting every column by one.
+        want = len(frame.columns)
+        raise DataError(f"expected {want} fields, found {want + frame.index.nlevels}",
+                        source=str(path), line=int(frame.attrs["line"][0]))
     return frame
 
 

@@ -166,12 +166,13 @@ def _rank_within_groups(sorted_groups: np.ndarray) -> np.ndarray:
 
 def _add_negatives(entries: dict[str, np.ndarray], table: InteractionTable, per_positive: int,
                    rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Append sampled negatives (label 0) for every kept interaction, in the same role.
+    """Append ``per_positive`` sampled negatives (label 0) for every kept positive, in its role.
 
     Negatives are items the user never interacted with anywhere in the table, distinct within
-    a user; each inherits the timestamp of the interaction it was drawn for.
+    a user; each inherits the timestamp of the interaction it was drawn for. Interactions
+    already labelled 0 (below ``positive_threshold``) get no sampled negatives.
     """
-    source = np.flatnonzero(entries["role"] < 2)
+    source = np.flatnonzero((entries["role"] < 2) & (entries["label"] > 0))
     source = np.repeat(source, per_positive)
     user = entries["user"][source]
     seen = np.unique(table.users * table.num_items + table.items)

@@ -1,0 +1,60 @@
+"""Shared fixtures: small synthetic tasks, the real MovieLens folder, isolated run dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def ml100k_root() -> Path | None:
+    """The folder holding MovieLens-100K (``$METAREC_DATA`` or ../shared/data), or None."""
+    for base in (os.environ.get("METAREC_DATA"), REPO.parent / "shared" / "data"):
+        if base and (Path(base) / "ml-100k" / "u.data").is_file():
+            return Path(base) / "ml-100k"
+    return None
+
+
+@pytest.fixture
+def ml100k() -> Path:
+    root = ml100k_root()
+    if root is None:
+        pytest.skip("MovieLens-100K not found: set METAREC_DATA or put ml-100k in ../shared/data")
+    return root
+
+
+def synthetic_setup(num_users: int = 120, num_items: int = 60, seed: int = 0, **task_kwargs):
+    """(table, splits) of a small synthetic data set."""
+    from metarec import TaskConfig, build_tasks
+    from metarec_plugins.datasets.synthetic import SyntheticDataset
+
+    table = SyntheticDataset(num_users=num_users, num_items=num_items, min_interactions=15,
+                             max_interactions=40, seed=seed).load()
+    config = TaskConfig(min_interactions=13, max_interactions=40, **task_kwargs)
+    return table, build_tasks(table, config, seed=seed)
+
+
+def synthetic_batch(n_tasks: int = 6, split: str = "train", dtype=torch.float64, **kwargs):
+    """(table, episode batch) with ``n_tasks`` tasks; float features cast to ``dtype``."""
+    from metarec.data import EpisodeCollator
+
+    table, splits = synthetic_setup(**kwargs)
+    batch = EpisodeCollator(splits[split], table)(list(range(n_tasks)))
+    for side in (batch.support, batch.query):
+        for key, value in side.items():
+            if value.is_floating_point():
+                side[key] = value.to(dtype)
+    return table, batch
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run in a temporary directory (runs/ and wandb/ files land there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
