@@ -5,9 +5,20 @@ The public API that plugins (built-in and third-party) build on is exported here
 
 from metarec.algorithm import MetaAlgorithm
 from metarec.backbone import Backbone
-from metarec.data import (DataError, EpisodeBatch, Feature, FeatureBatch, InteractionTable,
-                          TaskConfig, build_tasks, encode_ids, inputs, numeric_column,
-                          read_frame, require_columns)
+from metarec.data import (
+                          DataError,
+                          EpisodeBatch,
+                          Feature,
+                          FeatureBatch,
+                          InteractionTable,
+                          TaskConfig,
+                          build_tasks,
+                          encode_ids,
+                          inputs,
+                          numeric_column,
+                          read_frame,
+                          require_columns,
+)
 from metarec.dataset import Dataset
 from metarec.functional import FunctionalModel, Params, masked_loss, sgd_update
 from metarec.metrics import MetricsConfig

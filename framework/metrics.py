@@ -25,10 +25,20 @@ from typing import Literal
 import torch
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
-from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryF1Score,
-                                         BinaryPrecision, BinaryRecall)
-from torchmetrics.retrieval import (RetrievalHitRate, RetrievalMRR, RetrievalNormalizedDCG,
-                                    RetrievalPrecision, RetrievalRecall)
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+)
+from torchmetrics.retrieval import (
+    RetrievalHitRate,
+    RetrievalMRR,
+    RetrievalNormalizedDCG,
+    RetrievalPrecision,
+    RetrievalRecall,
+)
 
 from metarec.data.episodes import FeatureBatch
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from metarec.data.errors import DataError
-from metarec.schema import DataSchema, Feedback, FeatureSpec
+from metarec.schema import DataSchema, FeatureSpec, Feedback
 
 
 @dataclass

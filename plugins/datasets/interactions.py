@@ -29,8 +29,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from metarec import (DataError, Dataset, Feature, FeatureSpec, InteractionTable, encode_ids,
-                     numeric_column, read_frame, require_columns)
+from metarec import (
+    DataError,
+    Dataset,
+    Feature,
+    FeatureSpec,
+    InteractionTable,
+    encode_ids,
+    numeric_column,
+    read_frame,
+    require_columns,
+)
 
 MISSING = "<missing>"
 

@@ -22,8 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from metarec import (DataError, Dataset, Feature, FeatureSpec, InteractionTable, encode_ids,
-                     numeric_column, read_frame)
+from metarec import (
+    DataError,
+    Dataset,
+    Feature,
+    FeatureSpec,
+    InteractionTable,
+    encode_ids,
+    numeric_column,
+    read_frame,
+)
 
 URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 MD5 = "0e33842e24a9c977be4e0107933c0723"  # published by GroupLens (ml-100k.zip.md5)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from metarec import AdaptationPolicy, FeatureBatch, FunctionalModel, MetaAlgorithm, Params, sgd_update
+from metarec import (
+    AdaptationPolicy,
+    FeatureBatch,
+    FunctionalModel,
+    MetaAlgorithm,
+    Params,
+    sgd_update,
+)
 
 
 class FineTune(AdaptationPolicy):
