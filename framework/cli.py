@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+import lightning.pytorch as pl
+import yaml
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from metarec import registry
 from metarec.datamodule import EpisodeDataModule
@@ -31,6 +33,16 @@ PARSER_DEFAULTS: dict[str, Any] = {
 }
 
 
+class RecipeToLoggers(SaveConfigCallback):
+    """Saves the resolved recipe beside the logs and records it as every logger's config."""
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        recipe = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        recipe.pop("config", None)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"recipe": recipe})
+
+
 class MetarecCLI(LightningCLI):
     """LightningCLI for MetaLearner + EpisodeDataModule, OmegaConf recipes, seeded by default."""
 
@@ -39,6 +51,7 @@ class MetarecCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RecipeToLoggers)
         super().__init__(MetaLearner, EpisodeDataModule, args=args, run=run,
                          auto_configure_optimizers=False, **kwargs)
 

@@ -40,6 +40,11 @@ def test_offline_wandb_and_csv_logs(in_tmp, monkeypatch):
                 "val/step3/adapt_ratio"):
         assert key in history_keys, key
     assert config["algorithm"] == "maml" and config["backbone"] == "melu"
+    # The resolved recipe is the run's config, defaults included.
+    recipe = config["recipe"]
+    assert recipe["model"]["algorithm_args"] == {"inner_steps": 3, "inner_lr": 0.05}
+    assert recipe["data"]["tasks"]["query_size"] == 10
+    assert recipe["trainer"]["inference_mode"] is False
 
     rows = list(csv.DictReader(open(next((in_tmp / "runs" / "csv").glob("version_*/metrics.csv")))))
     train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
