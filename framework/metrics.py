@@ -11,7 +11,10 @@ How relevance is defined on a query set (``MetricsConfig.relevance``):
   highest true rating are the positives, ties broken by query position (earlier first).
 
 Ranking metrics rank each task's query items by predicted score and are averaged over tasks
-(tasks with no relevant item are skipped); MAE/RMSE and the classification metrics pool all
+(tasks with no relevant item are skipped). Tied scores (common: a backbone without id
+embeddings gives items with identical features identical scores) are broken by a fixed
+pseudo-random key of (user, item), the same for every metric and every run, never by query
+position (which under the ``recbole`` rule would leak the tie-breaking of the labels). MAE/RMSE and the classification metrics pool all
 query interactions. ``adapt_ratio`` is each task's query loss after the step divided by its
 query loss at step 0, averaged over tasks. All reductions are torchmetrics states, so they are
 synchronised correctly across DDP ranks (sums and counts, not means of means).
@@ -83,6 +86,19 @@ def relevance(labels: torch.Tensor, mask: torch.Tensor, config: MetricsConfig, f
     return rel, rel.to(labels.dtype)
 
 
+def tie_broken_ranks(scores: torch.Tensor, users: torch.Tensor, items: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Rank of each slot within its task (0 = best): by score, ties by a hash of (user, item)."""
+    key = (users.long() * 1_000_003 + items.long()) * 2_654_435_761 % 2_147_483_647
+    scores = scores.masked_fill(~mask, float("-inf"))
+    by_key = torch.argsort(key, dim=1)
+    by_score = torch.argsort(scores.gather(1, by_key), dim=1, descending=True, stable=True)
+    order = by_key.gather(1, by_score)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return ranks
+
+
 class AdaptationMetrics(nn.Module):
     """One torchmetrics collection per adaptation step ``0..steps``."""
 
@@ -118,6 +134,13 @@ class AdaptationMetrics(nn.Module):
         rel, gain = relevance(labels, mask, self.config, self.feedback, self.rating_range)
         index = task_ids[:, None].expand_as(mask)[mask]
         preds, target = scores[mask], labels[mask]
+        users = query["user_id"] if "user_id" in query else task_ids[:, None].expand_as(mask)
+        items = query["item_id"] if "item_id" in query else torch.zeros_like(users)
+        # Ranking metrics see only the (tie-broken) order, as a distinct positive score per slot:
+        # torchmetrics' retrieval precision/recall/MRR treat items scored <= 0 as not retrieved
+        # (torchmetrics 1.9), which would silently drop negative logits or low ratings.
+        ranks = tie_broken_ranks(scores, users, items, mask)
+        order_score = (mask.shape[1] - ranks).to(scores.dtype)[mask]
         metrics = self.per_step[step]
         for name, metric in metrics.items():
             if name == "loss":
@@ -127,9 +150,9 @@ class AdaptationMetrics(nn.Module):
             elif name in ("mae", "rmse"):
                 metric.update(preds, target)
             elif name.startswith("ndcg@"):
-                metric.update(preds, gain[mask], indexes=index)
+                metric.update(order_score, gain[mask], indexes=index)
             elif "@" in name:
-                metric.update(preds, rel[mask], indexes=index)
+                metric.update(order_score, rel[mask], indexes=index)
             else:  # binary classification on probabilities
                 metric.update(torch.sigmoid(preds), target.round().long())
 

@@ -42,6 +42,29 @@ def test_ranking_metrics_by_hand():
     assert out["rmse"] == pytest.approx(math.sqrt((4.2**2 + 0.1**2 + 3.5**2 + 1.9**2) / 4), abs=1e-6)
 
 
+def test_ties_are_broken_the_same_way_for_every_metric_and_not_by_position():
+    """Identical scores everywhere: the order comes from the (user, item) key, so P@5 = R@5
+    under the RecBole rule, and positives (first positions) are not systematically favoured."""
+    n = 3000
+    labels = torch.randint(1, 6, (n, 10), generator=torch.Generator().manual_seed(1)).float()
+    query = {"label": labels, "mask": torch.ones_like(labels, dtype=torch.bool),
+             "user_id": torch.arange(n)[:, None].expand(n, 10),
+             "item_id": torch.randint(0, 1000, (n, 10), generator=torch.Generator().manual_seed(2))}
+    metrics = AdaptationMetrics(0, "explicit", MetricsConfig(top_k=[5], relevance="recbole"), SCALE)
+    metrics.update(0, torch.zeros(n, 10), query, torch.arange(n), torch.ones(n), torch.ones(n))
+    out = {k.split("/")[-1]: float(v) for k, v in metrics.compute("val").items() if "/step" not in k}
+    assert out["precision@5"] == pytest.approx(out["recall@5"], abs=1e-6)
+    assert out["precision@5"] == pytest.approx(0.5, abs=0.015)
+
+
+def test_negative_scores_are_ranked_like_any_others():
+    """Logits and centred scores can be negative; ranking must depend on order only."""
+    a = _compute([[0.8, 0.9, 0.5, 0.1]], [[5, 1, 4, 2]])
+    b = _compute([[-3.2, -3.1, -3.5, -3.9]], [[5, 1, 4, 2]])
+    for k in ("ndcg@3", "precision@3", "recall@3", "mrr@3", "hitrate@3"):
+        assert a[k] == pytest.approx(b[k]), k
+
+
 def test_graded_ndcg_uses_exponential_gain():
     config = MetricsConfig(top_k=[3], relevance="graded")
     out = _compute([[0.8, 0.9, 0.5, 0.1]], [[5, 1, 4, 2]], config)

@@ -1,0 +1,187 @@
+"""MovieLens-100K user cold-start results: algorithms x seeds, test users after adaptation.
+
+Protocol (docs/results.md, ../shared/design/PROTOCOLS.md): users with 13-100 ratings, one task
+per user, users split 8:1:1 by the seed, query = 10 random ratings per user, support = the
+rest. Each (algorithm, seed) meta-trains from its recipe ``recipes/movielens-100k/{backbone}-
+{algorithm}.yaml`` with ``seed_everything = data.seed = seed`` (a different split per seed),
+then evaluates the test users with the recipe's adaptation policy under two relevance rules:
+``threshold`` (rating >= 4 relevant) and ``recbole`` (top-5 true-rated query items, the
+RecBole-MetaRec rule). A ``random`` row scores random rankings of the same test tasks.
+
+    python benchmarks/ml100k_results.py                       # 3 algorithms x 3 seeds
+    python benchmarks/ml100k_results.py --quick               # 1 seed, 2 epochs (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("mae", "rmse", "ndcg@5", "precision@5", "recall@5", "hitrate@5", "mrr@5")
+QUIET = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.callbacks", "[]", "--trainer.check_val_every_n_epoch", "1000"]
+
+
+class EpochTimer(pl.Callback):
+    """Wall-clock seconds of each training epoch (validation excluded)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def _test(cli, relevance: str) -> dict[str, float]:
+    from metarec.metrics import AdaptationMetrics, MetricsConfig
+
+    model = cli.model
+    config = MetricsConfig(top_k=[5], relevance=relevance)
+    model.metrics_config = config
+    model.test_metrics = AdaptationMetrics(model.policy.max_steps, model.schema.feedback, config,
+                                           model.schema.rating_range)
+    out = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]
+    return {k: float(v) for k, v in out.items()}
+
+
+def _random_baseline(cli, relevance: str, seed: int) -> dict[str, float]:
+    """Metrics of random scores on the same test tasks (the chance level of each metric)."""
+    from metarec.data import EpisodeCollator
+    from metarec.metrics import AdaptationMetrics, MetricsConfig
+
+    dm = cli.datamodule
+    tasks = dm.splits["test"]
+    batch = EpisodeCollator(tasks, dm.table)(list(range(len(tasks))))
+    config = MetricsConfig(top_k=[5], relevance=relevance)
+    metrics = AdaptationMetrics(0, "explicit", config, dm.table.rating_range)
+    gen = torch.Generator().manual_seed(seed)
+    total = {}
+    for _ in range(20):  # average over 20 random rankings
+        scores = torch.rand(batch.query["label"].shape, generator=gen) * 4 + 1
+        ones = torch.ones(len(batch))
+        metrics.update(0, scores, batch.query, batch.users, ones, ones)
+        for k, v in metrics.compute("test").items():
+            total[k] = total.get(k, 0.0) + float(v) / 20
+        metrics.reset()
+    return total
+
+
+def run_one(backbone: str, algorithm: str, seed: int, epochs: int | None,
+            extra: list[str]) -> dict:
+    from metarec.cli import MetarecCLI
+
+    recipe = REPO / "recipes" / "movielens-100k" / f"{backbone}-{algorithm}.yaml"
+    args = ["--config", str(recipe), *QUIET, "--seed_everything", str(seed),
+            "--data.seed", str(seed), *extra]
+    if epochs is not None:
+        args += ["--trainer.max_epochs", str(epochs)]
+    cli = MetarecCLI(args=args, run=False)
+    timer = EpochTimer()
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    row = {"backbone": backbone, "algorithm": algorithm, "seed": seed,
+           "epochs": cli.trainer.current_epoch, "tasks_test": len(cli.datamodule.splits["test"]),
+           "sec_per_epoch": statistics.median(timer.seconds),
+           "command": "metarec fit --config " + str(recipe.relative_to(REPO)) +
+                      f" --seed_everything {seed} --data.seed {seed}" + "".join(f" {a}" for a in extra)}
+    for relevance in ("threshold", "recbole"):
+        out = _test(cli, relevance)
+        row[relevance] = {m: out[f"test/{m}"] for m in METRICS}
+        row[relevance + "_step0"] = {m: out[f"test/step0/{m}"] for m in METRICS}
+        rnd = _random_baseline(cli, relevance, seed)
+        row[relevance + "_random"] = {m: rnd[f"test/{m}"] for m in METRICS if m not in ("mae", "rmse")}
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean and standard deviation over seeds for each (backbone, algorithm)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["backbone"], row["algorithm"]), []).append(row)
+    summary = {}
+    for (backbone, algorithm), group in groups.items():
+        entry = {"seeds": [r["seed"] for r in group],
+                 "sec_per_epoch": statistics.mean(r["sec_per_epoch"] for r in group)}
+        for part in ("threshold", "recbole", "threshold_step0", "recbole_step0",
+                     "threshold_random", "recbole_random"):
+            entry[part] = {}
+            for m in group[0][part]:
+                values = [r[part][m] for r in group]
+                entry[part][m] = {"mean": statistics.mean(values),
+                                  "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        summary[f"{backbone}/{algorithm}"] = entry
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    def cell(x):
+        return f"{x['mean']:.4f} ± {x['std']:.4f}"
+
+    lines = []
+    for rule, title in (("threshold", "relevance: rating >= 4 (metarec default)"),
+                        ("recbole", "relevance: top-5 true-rated query items (RecBole-MetaRec rule)")):
+        lines += [f"**{title}**", "",
+                  "| backbone/algorithm | " + " | ".join(METRICS) + " | s/epoch |",
+                  "|---" * (len(METRICS) + 2) + "|"]
+        for name, entry in summary.items():
+            lines.append(f"| {name} | " + " | ".join(cell(entry[rule][m]) for m in METRICS)
+                         + f" | {entry['sec_per_epoch']:.2f} |")
+        for name, entry in summary.items():
+            lines.append(f"| {name}, before adaptation (step 0) | " +
+                         " | ".join(cell(entry[rule + '_step0'][m]) for m in METRICS) + " | |")
+        rnd = next(iter(summary.values()))[rule + "_random"]
+        lines.append("| random ranking (chance) | – | – | " +
+                     " | ".join(cell(rnd[m]) for m in METRICS[2:]) + " | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", default="melu")
+    parser.add_argument("--algorithms", default="maml,fomaml,pretrain")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipes' max_epochs")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
+    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "ml100k_results.json"))
+    parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+    parser.add_argument("extra", nargs="*", help="extra CLI overrides, after --")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    epochs = 2 if args.quick else args.epochs
+    rows = []
+    for backbone in args.backbones.split(","):
+        for algorithm in args.algorithms.split(","):
+            for seed in seeds:
+                start = time.perf_counter()
+                rows.append(run_one(backbone, algorithm, seed, epochs, args.extra))
+                print(f"{backbone}/{algorithm} seed {seed}: {time.perf_counter() - start:.0f}s "
+                      f"{json.dumps(rows[-1]['threshold'])}", file=sys.stderr, flush=True)
+    summary = summarise(rows)
+    table = markdown(summary)
+    print(table)
+    result = {"protocol": "ml-100k user cold-start: users 13-100 ratings, split 8:1:1 by user "
+                          "(seeded), query 10 random, support the rest; test users after adaptation",
+              "torch_threads": torch.get_num_threads(), "summary": summary, "runs": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
