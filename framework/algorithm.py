@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from metarec.data.episodes import EpisodeBatch
-from metarec.functional import FunctionalModel, Params
+from metarec.data.episodes import EpisodeBatch, FeatureBatch
+from metarec.functional import SGD, FunctionalModel, InnerOptimizer, Objective, Params
 
 
 class MetaAlgorithm(nn.Module):
@@ -19,8 +19,9 @@ class MetaAlgorithm(nn.Module):
     so that any meta-parameters it learns (e.g. inner learning rates) are optimised and
     checkpointed with the backbone.
 
-    It also defines the *inner update rule* (:meth:`inner_update`) and its default number of
-    steps; adaptation policies reuse them, so evaluation adapts the way training did.
+    It also defines its inner loop: the optimiser (:meth:`inner_optimizer`), the inner objective
+    (:meth:`inner_objective`) and the number of steps, run by :meth:`adapt`. Adaptation policies
+    reuse them, so evaluation adapts exactly the way meta-training did.
 
     Args:
         inner_steps: gradient steps on the support set per task.
@@ -42,9 +43,30 @@ class MetaAlgorithm(nn.Module):
     def bind(self, model: FunctionalModel) -> None:
         """Called once the backbone and its fast parameters are known (create meta-params here)."""
 
-    def inner_update(self, fast: Params, grads: Params, step: int) -> Params:
-        """One inner-loop step: ``theta - inner_lr * grad`` unless an algorithm learns more."""
-        return {k: fast[k] - self.inner_lr * grads[k] for k in fast}
+    def select_fast(self, backbone: nn.Module) -> list[str]:
+        """Patterns of the parameters this algorithm adapts per task."""
+        return self.fast_parameters or backbone.default_fast_parameters()
+
+    def inner_optimizer(self) -> InnerOptimizer:
+        """The inner-loop optimiser (plain SGD at ``inner_lr`` unless an algorithm learns more).
+
+        Called at every use, so learned rates are read fresh.
+        """
+        return SGD(self.inner_lr)
+
+    def inner_objective(self, model: FunctionalModel, start: Params,
+                        slow: Params) -> Objective | None:
+        """The inner loss of a task adapted from ``start``; None means the plain support loss."""
+        return None
+
+    def adapt(self, model: FunctionalModel, fast: Params, slow: Params, support: FeatureBatch, *,
+              steps: int | None = None, optimizer: InnerOptimizer | None = None,
+              first_order: bool = False, trajectory: bool = False) -> Params | list[Params]:
+        """This algorithm's inner loop on one task (vmap it across tasks)."""
+        return model.adapt(fast, slow, support, self.inner_steps if steps is None else steps,
+                           optimizer or self.inner_optimizer(),
+                           objective=self.inner_objective(model, fast, slow),
+                           first_order=first_order, trajectory=trajectory)
 
     def outer_loss(self, model: FunctionalModel,
                    batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -9,7 +9,8 @@ batch of 32 tasks costs one batched computation, not 32 Python iterations.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,67 @@ from torch.func import functional_call, grad, vmap
 from metarec.data.episodes import FeatureBatch, inputs
 
 Params = dict[str, torch.Tensor]
-# (fast params, their gradients, step index) -> updated fast params
-UpdateRule = Callable[[Params, Params, int], Params]
+# An inner objective of one task: (fast params, support batch) -> scalar loss.
+Objective = Callable[[Params, FeatureBatch], torch.Tensor]
+
+
+class InnerOptimizer:
+    """A functional inner-loop optimiser.
+
+    Its state is explicit (returned by :meth:`init`, threaded through :meth:`step`) rather than
+    stored on the object, so one optimiser object serves every task under ``vmap`` and the
+    whole loop stays differentiable for second-order meta-gradients.
+    """
+
+    def init(self, fast: Params) -> Any:
+        """Initial state for one task starting at ``fast``."""
+        return None
+
+    def step(self, fast: Params, grads: Params, state: Any, step: int) -> tuple[Params, Any]:
+        """One update: returns the new fast parameters and the new state."""
+        raise NotImplementedError
+
+
+class SGD(InnerOptimizer):
+    """``theta - lr * grad``.
+
+    ``lr`` is a float; a 1-D tensor of per-step rates (step ``i`` uses ``lr[min(i, len-1)]``,
+    MAML++'s learned per-step rates); or a dict of per-element rate tensors shaped like the
+    fast parameters (Meta-SGD).
+    """
+
+    def __init__(self, lr: float | torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+        self.lr = lr
+
+    def step(self, fast: Params, grads: Params, state: Any, step: int) -> tuple[Params, Any]:
+        lr = self.lr
+        if isinstance(lr, Mapping):
+            return {k: fast[k] - lr[k] * grads[k] for k in fast}, state
+        if isinstance(lr, torch.Tensor) and lr.ndim == 1:
+            lr = lr[min(step, lr.shape[0] - 1)]
+        return {k: fast[k] - lr * grads[k] for k in fast}, state
+
+
+class Adam(InnerOptimizer):
+    """Adam with bias correction (Reptile's reference code uses ``betas=(0, 0.999)``)."""
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.0, 0.999),
+                 eps: float = 1e-8) -> None:
+        if lr <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or eps <= 0:
+            raise ValueError(f"Adam needs lr > 0, betas in [0, 1) and eps > 0; got {lr}, {betas}, {eps}")
+        self.lr, self.betas, self.eps = lr, betas, eps
+
+    def init(self, fast: Params) -> Any:
+        return ({k: torch.zeros_like(v) for k, v in fast.items()},
+                {k: torch.zeros_like(v) for k, v in fast.items()})
+
+    def step(self, fast: Params, grads: Params, state: Any, step: int) -> tuple[Params, Any]:
+        (b1, b2), (m, v), t = self.betas, state, step + 1
+        m = {k: b1 * m[k] + (1 - b1) * grads[k] for k in fast}
+        v = {k: b2 * v[k] + (1 - b2) * grads[k] ** 2 for k in fast}
+        new = {k: fast[k] - self.lr * (m[k] / (1 - b1 ** t))
+               / ((v[k] / (1 - b2 ** t)).sqrt() + self.eps) for k in fast}
+        return new, (m, v)
 
 
 def select_parameters(module: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -43,13 +103,6 @@ def masked_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
         per = (scores - labels) ** 2
     weight = mask.to(per.dtype)
     return (per * weight).sum() / weight.sum().clamp_min(1.0)
-
-
-def sgd_update(lr: float) -> UpdateRule:
-    """Plain gradient step ``theta - lr * grad``."""
-    def update(fast: Params, grads: Params, step: int) -> Params:
-        return {k: fast[k] - lr * grads[k] for k in fast}
-    return update
 
 
 class FunctionalModel:
@@ -80,33 +133,34 @@ class FunctionalModel:
         return masked_loss(scores, batch["label"], batch["mask"], self.feedback)
 
     def adapt(self, fast: Params, slow: Params, support: FeatureBatch, steps: int,
-              update: UpdateRule, *, first_order: bool = False,
-              trajectory: bool = False) -> Params | list[Params]:
+              optimizer: InnerOptimizer, *, objective: Objective | None = None,
+              first_order: bool = False, trajectory: bool = False) -> Params | list[Params]:
         """Run ``steps`` inner updates on one task's support set.
 
-        Gradients come from ``torch.func.grad``; the result stays differentiable with
-        respect to ``fast`` (second order) unless ``first_order`` detaches the inner gradients.
-        Returns the adapted parameters, or every iterate (step 0..steps) if ``trajectory``.
+        ``objective(fast, support)`` is the inner loss (default: the support loss). Gradients
+        come from ``torch.func.grad``; the result stays differentiable with respect to ``fast``
+        (second order) unless ``first_order`` detaches the inner gradients. Returns the adapted
+        parameters, or every iterate (steps ``0..steps``) when ``trajectory`` is set.
         """
-        loss_fn = grad(lambda f: self.loss(f, slow, support))
+        if objective is None:
+            objective = lambda f, batch: self.loss(f, slow, batch)  # noqa: E731
+        loss_grad = grad(objective)
+        state = optimizer.init(fast)
         iterates = [fast]
         for step in range(steps):
-            grads = loss_fn(fast)
+            grads = loss_grad(fast, support)
             if first_order:
                 grads = {k: g.detach() for k, g in grads.items()}
-            fast = update(fast, grads, step)
+            fast, state = optimizer.step(fast, grads, state, step)
             if trajectory:
                 iterates.append(fast)
         return iterates if trajectory else fast
 
     def adapt_tasks(self, fast: Params, slow: Params, support: FeatureBatch, steps: int,
-                    update: UpdateRule, *, first_order: bool = False,
-                    trajectory: bool = False) -> Params | list[Params]:
+                    optimizer: InnerOptimizer, **kwargs: Any) -> Params | list[Params]:
         """:meth:`adapt` vmapped across the tasks of a batch (leading dim of ``support``)."""
-        def one(task_support: FeatureBatch):
-            return self.adapt(fast, slow, task_support, steps, update,
-                              first_order=first_order, trajectory=trajectory)
-        return vmap(one, randomness="different")(support)
+        return vmap(lambda task: self.adapt(fast, slow, task, steps, optimizer, **kwargs),
+                    randomness="different")(support)
 
     def predict_tasks(self, fast: Params, slow: Params, batch: FeatureBatch) -> torch.Tensor:
         """Per-task scores ``(B, N)`` with per-task fast parameters (leading dim B)."""

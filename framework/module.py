@@ -48,11 +48,14 @@ class MetaLearner(pl.LightningModule):
         self.backbone = registry.build("backbones", backbone, backbone_args, schema=schema)
         self.algorithm = registry.build("algorithms", algorithm, algorithm_args)
         self.policy = registry.build("policies", policy, policy_args)
-        patterns = self.algorithm.fast_parameters or self.backbone.default_fast_parameters()
+        patterns = self.algorithm.select_fast(self.backbone)
         self.functional = FunctionalModel(self.backbone, select_parameters(self.backbone, patterns),
                                           schema.feedback)
         self.algorithm.bind(self.functional)
         self.policy.bind(self.algorithm)
+        if not isinstance(self.policy.max_steps, int) or self.policy.max_steps < 0:
+            raise ValueError(f"policy {policy!r}: max_steps must be a non-negative int once bound "
+                             f"(metrics are kept for steps 0..max_steps), got {self.policy.max_steps!r}")
         self.optimizer_factory = optimizer
         self.metrics_config = metrics or MetricsConfig()
         self.val_metrics = AdaptationMetrics(self.policy.max_steps, schema.feedback,

@@ -79,11 +79,11 @@ def test_vmapped_batch_equals_loop_of_single_tasks():
     backbone, model = _model(table)
     fast, slow = model.split()
     algo = MAML(inner_steps=2, inner_lr=0.1)
-    batched = model.adapt_tasks(fast, slow, batch.support, 2, algo.inner_update)
+    batched = model.adapt_tasks(fast, slow, batch.support, 2, algo.inner_optimizer())
     for t in range(6):
         # The single task, trimmed of its own padding, adapted without vmap.
         n = int(batch.support["mask"][t].sum())
         support = {k: v[t, :n] for k, v in batch.support.items()}
-        single = model.adapt(fast, slow, support, 2, algo.inner_update)
+        single = model.adapt(fast, slow, support, 2, algo.inner_optimizer())
         for k in fast:
             torch.testing.assert_close(batched[k][t], single[k], rtol=1e-6, atol=1e-9)

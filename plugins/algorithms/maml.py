@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from metarec import EpisodeBatch, FunctionalModel, MetaAlgorithm, Params
+from metarec import SGD, EpisodeBatch, FunctionalModel, InnerOptimizer, MetaAlgorithm
 
 
 class MAML(MetaAlgorithm):
@@ -40,19 +40,15 @@ class MAML(MetaAlgorithm):
         self.step_lrs = (nn.Parameter(torch.full((max(inner_steps, 1),), float(inner_lr)))
                          if learn_inner_lr else None)
 
-    def inner_update(self, fast: Params, grads: Params, step: int) -> Params:
-        if self.step_lrs is None:
-            return super().inner_update(fast, grads, step)
-        lr = self.step_lrs[min(step, len(self.step_lrs) - 1)]
-        return {k: fast[k] - lr * grads[k] for k in fast}
+    def inner_optimizer(self) -> InnerOptimizer:
+        return SGD(self.step_lrs if self.step_lrs is not None else self.inner_lr)
 
     def outer_loss(self, model: FunctionalModel,
                    batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         fast, slow = model.split()
 
         def query_loss(support, query):
-            adapted = model.adapt(fast, slow, support, self.inner_steps, self.inner_update,
-                                  first_order=self.first_order)
+            adapted = self.adapt(model, fast, slow, support, first_order=self.first_order)
             return model.loss(adapted, slow, query)
 
         losses = vmap(query_loss, randomness="different")(batch.support, batch.query)

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from metarec import (
-    AdaptationPolicy,
-    FeatureBatch,
-    FunctionalModel,
-    MetaAlgorithm,
-    Params,
-    sgd_update,
-)
+from torch.func import vmap
+
+from metarec import SGD, AdaptationPolicy, FeatureBatch, FunctionalModel, MetaAlgorithm, Params
 
 
 class FineTune(AdaptationPolicy):
-    """``steps`` gradient steps on the support loss.
+    """``steps`` steps of the algorithm's inner loop on each new task's support set.
 
     Args:
         steps: number of steps; default: the algorithm's ``inner_steps``.
-        lr: step size of plain SGD; default: the algorithm's own inner update rule (its
-            ``inner_lr``, or what it learned, e.g. per-step rates), so evaluation adapts
-            exactly as meta-training did.
+        lr: step size of plain SGD; default: the algorithm's own inner optimiser (its
+            ``inner_lr``, or what it learned, e.g. per-step or per-element rates), so evaluation
+            adapts exactly as meta-training did. The inner objective is always the algorithm's.
     """
 
     def __init__(self, steps: int | None = None, lr: float | None = None) -> None:
@@ -29,17 +24,20 @@ class FineTune(AdaptationPolicy):
             raise ValueError(f"lr must be > 0, got {lr}")
         self.steps, self.lr = steps, lr
         self.max_steps = steps or 0
-        self._update = sgd_update(lr) if lr is not None else None
+        self.algorithm: MetaAlgorithm | None = None
 
     def bind(self, algorithm: MetaAlgorithm) -> None:
+        self.algorithm = algorithm
         if self.steps is None:
             self.max_steps = algorithm.inner_steps
-        if self.lr is None:
-            self._update = algorithm.inner_update
 
     def adapt(self, model: FunctionalModel, fast: Params, slow: Params,
               support: FeatureBatch) -> list[Params]:
-        if self._update is None:
+        algorithm = self.algorithm
+        if algorithm is None:
             raise RuntimeError("FineTune.adapt called before bind(algorithm)")
-        return model.adapt_tasks(fast, slow, support, self.max_steps, self._update,
-                                 first_order=True, trajectory=True)
+        optimizer = SGD(self.lr) if self.lr is not None else algorithm.inner_optimizer()
+        return vmap(lambda task: algorithm.adapt(model, fast, slow, task, steps=self.max_steps,
+                                                 optimizer=optimizer, first_order=True,
+                                                 trajectory=True),
+                    randomness="different")(support)
