@@ -73,13 +73,27 @@ def test_example_recipe_fast_dev_run(example_installed, in_tmp):
     recipe = EXAMPLE / "recipe.yaml"
     cli = MetarecCLI(args=["fit", "--config", str(recipe), "--trainer.fast_dev_run", "1"])
     assert type(cli.model.algorithm).__name__ == "L2MAML"
-    assert type(cli.model.policy).__name__ == "ProximalFineTune"
-    assert cli.model.policy.lam == cli.model.algorithm.lam == 1.0
+    assert cli.model.algorithm.lam == 1.0
+    assert type(cli.model.policy).__name__ == "FineTune"  # evaluates with L2MAML's objective
     trainer = cli.trainer
     assert trainer.state.finished and trainer.global_step == 1
     metrics = trainer.callback_metrics
     for key in ("train/loss", "val/loss", "train/adapted_sq_distance"):
         assert key in metrics and bool(metrics[key].isfinite()), (key, dict(metrics))
+
+
+def test_example_policy_on_maml_fast_dev_run(example_installed, in_tmp):
+    """The example policy by alias on top of plain MAML, as the example recipe's comment shows."""
+    cli = MetarecCLI(args=["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"),
+                           "--model.policy", "example-proximal-finetune",
+                           "--model.policy_args", "{lam: 2.0}", "--trainer.fast_dev_run", "1"])
+    assert type(cli.model.algorithm).__name__ == "MAML"
+    assert type(cli.model.policy).__name__ == "ProximalFineTune"
+    policy, algorithm = cli.model.policy, cli.model.algorithm
+    assert (policy.lam, policy.max_steps) == (2.0, algorithm.inner_steps)
+    trainer = cli.trainer
+    assert trainer.state.finished and trainer.global_step == 1
+    assert bool(trainer.callback_metrics["val/loss"].isfinite()), dict(trainer.callback_metrics)
 
 
 def test_example_package_own_tests_pass(example_installed):

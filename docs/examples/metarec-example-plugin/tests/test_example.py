@@ -2,18 +2,18 @@
 
 The checks: the entry points resolve; ``lam = 0`` reproduces metarec's own MAML exactly; the
 meta-gradient matches a plain-autograd unrolled reference; a large ``lam`` keeps the adapted
-parameters near the initialisation; the policy follows the ``AdaptationPolicy`` contract.
+parameters near the initialisation; the policy follows the ``AdaptationPolicy`` contract; and
+evaluation adapts on the training objective (metarec's ``finetune`` applies L2-MAML's
+proximal term; ``example-proximal-finetune`` adds one on top of any algorithm's objective).
 Run with ``pip install -e .[test] && pytest`` (the entry-point test needs the package
 installed, so that its metadata is visible).
 """
 
 from __future__ import annotations
 
-import fnmatch
-
 import pytest
 import torch
-from metarec_example import L2MAML, ProximalFineTune, proximal_adapt, squared_distance
+from metarec_example import L2MAML, ProximalFineTune, squared_distance
 
 from metarec import (
     DataSchema,
@@ -22,6 +22,7 @@ from metarec import (
     PluginError,
     build,
     resolve,
+    select_parameters,
 )
 
 NUM_USERS, NUM_ITEMS = 40, 30
@@ -56,10 +57,13 @@ def make_model(seed: int = 0) -> FunctionalModel:
     schema = DataSchema(num_users=NUM_USERS, num_items=NUM_ITEMS)
     backbone = build("backbones", "melu", {"embedding_dim": 4, "hidden": [8, 6], "use_ids": True},
                      schema=schema).double()
-    patterns = backbone.default_fast_parameters()
-    fast = [n for n, _ in backbone.named_parameters()
-            if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    fast = select_parameters(backbone, backbone.default_fast_parameters())
     return FunctionalModel(backbone, fast, schema.feedback)
+
+
+def detached(model: FunctionalModel):
+    """``(fast, slow)`` as a policy receives them: detached copies of the parameters."""
+    return ({k: v.detach() for k, v in d.items()} for d in model.split())
 
 
 def meta_grads(loss: torch.Tensor, model: FunctionalModel) -> list[torch.Tensor]:
@@ -149,17 +153,20 @@ def test_unstable_or_negative_lam_is_rejected():
         build("algorithms", L2MAML, {"lamda": 1.0})
     with pytest.raises(PluginError, match="lam must be >= 0"):
         build("policies", ProximalFineTune, {"lam": -1.0})
+    with pytest.raises(PluginError, match="must be < 2"):
+        build("policies", ProximalFineTune, {"lr": 0.5, "lam": 4.0})
+    policy = ProximalFineTune(lam=30.0)  # checked against the algorithm's step size on bind
+    with pytest.raises(ValueError, match="must be < 2"):
+        policy.bind(build("algorithms", "maml", {"inner_lr": 0.1}))
 
 
 def test_policy_follows_the_adaptation_contract():
     batch, model = make_batch(), make_model()
-    algorithm = L2MAML(inner_steps=4, inner_lr=0.05, lam=3.0)
-    policy = ProximalFineTune()
+    algorithm = build("algorithms", "maml", {"inner_steps": 4, "inner_lr": 0.05})
+    policy = ProximalFineTune(lam=3.0)
     policy.bind(algorithm)
-    assert (policy.max_steps, policy.lam) == (4, 3.0)  # defaults come from the algorithm
-    fast, slow = model.split()
-    fast = {k: v.detach() for k, v in fast.items()}
-    slow = {k: v.detach() for k, v in slow.items()}
+    assert policy.max_steps == 4  # the default comes from the algorithm
+    fast, slow = detached(model)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     iterates = policy.adapt(model, fast, slow, batch.support)
     assert len(iterates) == policy.max_steps + 1
@@ -171,24 +178,64 @@ def test_policy_follows_the_adaptation_contract():
         torch.testing.assert_close(iterates[0][k], fast[k].expand_as(iterates[0][k]))
     for k, v in model.backbone.state_dict().items():  # the model is never mutated
         assert torch.equal(v, before[k]), k
-    # The last iterate is what meta-training adapts to (same objective, same update rule).
+    # On maml with lam = 3, the last iterate is what L2-MAML with lam = 3 adapts to in
+    # meta-training (one task at a time, no vmap).
+    l2maml = L2MAML(inner_steps=4, inner_lr=0.05, lam=3.0)
     for t in range(len(batch)):
         support = {k: v[t] for k, v in batch.support.items()}
-        single = proximal_adapt(model, fast, slow, support, 4, algorithm.inner_update, 3.0)
+        single = l2maml.adapt(model, fast, slow, support)
         for k in fast:
             torch.testing.assert_close(iterates[-1][k][t], single[k], rtol=1e-9, atol=1e-12)
         assert float(squared_distance({k: v[t] for k, v in iterates[-1].items()}, fast)) > 0
 
 
-def test_policy_with_lam_zero_is_metarecs_finetune():
+@pytest.mark.parametrize("algorithm", [
+    ("maml", {"inner_steps": 3, "inner_lr": 0.1}),
+    (L2MAML, {"inner_steps": 3, "inner_lr": 0.1, "lam": 2.0}),
+])
+def test_policy_with_lam_zero_is_metarecs_finetune(algorithm):
     batch, model = make_batch(), make_model()
-    algorithm = build("algorithms", "maml", {"inner_steps": 3, "inner_lr": 0.1})
-    ours, theirs = ProximalFineTune(), build("policies", "finetune")
+    algorithm = build("algorithms", *algorithm)
+    ours, theirs = ProximalFineTune(lam=0.0), build("policies", "finetune")
     ours.bind(algorithm)
     theirs.bind(algorithm)
-    assert ours.lam == 0.0  # MAML has no lam
-    fast, slow = ({k: v.detach() for k, v in d.items()} for d in model.split())
+    fast, slow = detached(model)
     for a, b in zip(ours.adapt(model, fast, slow, batch.support),
                     theirs.adapt(model, fast, slow, batch.support), strict=True):
         for k in fast:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_finetune_adapts_l2maml_with_its_proximal_objective():
+    """metarec's ``finetune`` reuses the algorithm's inner objective: on an L2-MAML model it
+    is exactly ``example-proximal-finetune`` with the same ``lam`` on top of plain MAML."""
+    batch, model = make_batch(), make_model()
+    fast, slow = detached(model)
+    finetune = build("policies", "finetune")
+    finetune.bind(L2MAML(inner_steps=3, inner_lr=0.1, lam=2.0))
+    proximal = ProximalFineTune(lam=2.0)
+    proximal.bind(build("algorithms", "maml", {"inner_steps": 3, "inner_lr": 0.1}))
+    plain = build("policies", "finetune")
+    plain.bind(build("algorithms", "maml", {"inner_steps": 3, "inner_lr": 0.1}))
+    ours = finetune.adapt(model, fast, slow, batch.support)
+    for a, b in zip(ours, proximal.adapt(model, fast, slow, batch.support), strict=True):
+        for k in fast:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    # ... and not the plain support loss: the pull keeps the adapted parameters closer.
+    without = plain.adapt(model, fast, slow, batch.support)
+    assert (float(squared_distance({k: v[0] for k, v in ours[-1].items()}, fast))
+            < float(squared_distance({k: v[0] for k, v in without[-1].items()}, fast)))
+
+
+def test_policy_adds_its_pull_to_the_algorithms_objective():
+    """On L2-MAML (lam = 2), a policy lam of 1 adapts like finetune on L2-MAML with lam = 3."""
+    batch, model = make_batch(), make_model()
+    fast, slow = detached(model)
+    stacked = ProximalFineTune(lam=1.0)
+    stacked.bind(L2MAML(inner_steps=3, inner_lr=0.1, lam=2.0))
+    finetune = build("policies", "finetune")
+    finetune.bind(L2MAML(inner_steps=3, inner_lr=0.1, lam=3.0))
+    for a, b in zip(stacked.adapt(model, fast, slow, batch.support),
+                    finetune.adapt(model, fast, slow, batch.support), strict=True):
+        for k in fast:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-14)

@@ -6,6 +6,10 @@ which regularises adaptation on users with few interactions (the iMAML inner pro
 Rajeswaran et al. 2019). The meta-gradient is MAML's: the outer (query) loss is
 differentiated through the unrolled inner steps, including the anchor ``theta_0`` inside the
 proximal term. ``lam = 0`` is exactly MAML.
+
+The algorithm only overrides :meth:`~metarec.MetaAlgorithm.inner_objective`; metarec's
+:meth:`~metarec.MetaAlgorithm.adapt` runs the inner loop with it, and the built-in
+``finetune`` policy adapts new tasks with it too, so evaluation adapts the way training did.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch.func import vmap
 
-from metarec import EpisodeBatch, FunctionalModel, MetaAlgorithm
-from metarec_example.proximal import check_stable, proximal_adapt, squared_distance
+from metarec import EpisodeBatch, FunctionalModel, MetaAlgorithm, Objective, Params
+from metarec_example.proximal import check_stable, squared_distance, support_loss, with_proximal
 
 
 class L2MAML(MetaAlgorithm):
@@ -38,14 +42,18 @@ class L2MAML(MetaAlgorithm):
         self.lam = float(lam)
         self.first_order = bool(first_order)
 
+    def inner_objective(self, model: FunctionalModel, start: Params, slow: Params) -> Objective:
+        # The support loss plus the pull toward the task's starting point.
+        return with_proximal(support_loss(model, slow), start, self.lam)
+
     def outer_loss(self, model: FunctionalModel,
                    batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # The live parameters: the meta-gradient reaches the backbone through them.
         fast, slow = model.split()
 
         def one_task(support, query):
-            adapted = proximal_adapt(model, fast, slow, support, self.inner_steps,
-                                     self.inner_update, self.lam, first_order=self.first_order)
+            # inner_steps steps of inner_optimizer() on inner_objective(), starting at fast.
+            adapted = self.adapt(model, fast, slow, support, first_order=self.first_order)
             return model.loss(adapted, slow, query), squared_distance(adapted, fast)
 
         # One batched computation over the tasks (leading dim of support and query).
