@@ -20,6 +20,7 @@ from metarec.data import (
     read_frame,
     require_columns,
 )
+from metarec.checkpoint import load_backbone, load_checkpoint, train_recipe
 from metarec.dataset import Dataset
 from metarec.functional import (
     SGD,
@@ -44,5 +45,6 @@ __all__ = [
     "FunctionalModel", "InnerOptimizer", "InteractionTable", "MetaAlgorithm", "MetricsConfig",
     "Objective", "Params", "PluginError", "TaskConfig", "available", "build", "build_tasks",
     "encode_ids", "inputs", "masked_loss", "numeric_column", "read_frame", "require_columns",
-    "reset_registry", "resolve", "select_parameters",
+    "reset_registry", "resolve", "select_parameters", "load_backbone", "load_checkpoint",
+    "train_recipe",
 ]

@@ -32,3 +32,12 @@ class Backbone(nn.Module):
     def default_fast_parameters(self) -> list[str]:
         """Patterns of the parameters adapted per task by default."""
         raise NotImplementedError
+
+    def head_parameters(self) -> list[str]:
+        """Patterns of the output head (what ANIL adapts). Default: the last module that owns
+        parameters directly, e.g. the final ``nn.Linear``."""
+        owners = [name for name, m in self.named_modules()
+                  if name and any(True for _ in m.parameters(recurse=False))]
+        if not owners:
+            raise NotImplementedError(f"{type(self).__name__} has no parameterised submodule")
+        return [f"{owners[-1]}.*"]

@@ -76,11 +76,11 @@ def print_plugins(stream: Any = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["plugins"]:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["plugins"]:
         print_plugins()
         return
-    MetarecCLI(args=argv)
+    MetarecCLI(args=argv)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from metarec.metrics import AdaptationMetrics, MetricsConfig
 from metarec.schema import DataSchema
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 class MetaLearner(pl.LightningModule):
@@ -29,6 +30,8 @@ class MetaLearner(pl.LightningModule):
         backbone, algorithm, policy: plugin alias or class path.
         backbone_args, algorithm_args, policy_args: their arguments.
         optimizer: outer optimiser factory (default Adam, lr 1e-3).
+        lr_scheduler: optional scheduler factory, stepped after every meta-training step
+            (e.g. ``torch.optim.lr_scheduler.LinearLR`` to anneal Reptile's outer step size).
         metrics: which metrics, and how query relevance is defined.
         schema: the data schema; the CLI links it from the datamodule.
     """
@@ -37,13 +40,14 @@ class MetaLearner(pl.LightningModule):
                  algorithm: str = "maml", algorithm_args: dict[str, Any] | None = None,
                  policy: str = "finetune", policy_args: dict[str, Any] | None = None,
                  optimizer: OptimizerFactory | None = None,
+                 lr_scheduler: SchedulerFactory | None = None,
                  metrics: MetricsConfig | None = None,
                  schema: DataSchema | None = None) -> None:
         super().__init__()
         if schema is None:
             raise ValueError("MetaLearner needs the data schema: run it through the metarec CLI, "
                              "or pass schema=datamodule.schema")
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.schema = schema
         self.backbone = registry.build("backbones", backbone, backbone_args, schema=schema)
         self.algorithm = registry.build("algorithms", algorithm, algorithm_args)
@@ -57,6 +61,7 @@ class MetaLearner(pl.LightningModule):
             raise ValueError(f"policy {policy!r}: max_steps must be a non-negative int once bound "
                              f"(metrics are kept for steps 0..max_steps), got {self.policy.max_steps!r}")
         self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
         self.metrics_config = metrics or MetricsConfig()
         self.val_metrics = AdaptationMetrics(self.policy.max_steps, schema.feedback,
                                              self.metrics_config, schema.rating_range)
@@ -71,11 +76,14 @@ class MetaLearner(pl.LightningModule):
             self.log(f"train/{name}", value, batch_size=len(batch))
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_factory is None:
-            return torch.optim.Adam(params, lr=1e-3)
-        return self.optimizer_factory(params)
+        optimizer = (torch.optim.Adam(params, lr=1e-3) if self.optimizer_factory is None
+                     else self.optimizer_factory(params))
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
     # -- adaptation and evaluation --------------------------------------------------------
     def adapt(self, batch: EpisodeBatch) -> list[dict[str, torch.Tensor]]:

@@ -72,3 +72,6 @@ class MeLU(Backbone):
 
     def default_fast_parameters(self) -> list[str]:
         return ["decision.*", "output.*"]
+
+    def head_parameters(self) -> list[str]:
+        return ["output.*"]

@@ -1,0 +1,56 @@
+"""Every registered algorithm runs every shipped backbone end to end through the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from conftest import REPO
+from metarec import available, train_recipe
+from metarec.cli import MetarecCLI
+
+ALGORITHMS = sorted(i.alias for i in available("algorithms") if i.distribution == "metarec")
+BACKBONES = sorted(i.alias for i in available("backbones") if i.distribution == "metarec")
+HAS_L2L = importlib.util.find_spec("learn2learn") is not None
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A pretrained teacher per backbone, for `distill`."""
+    cache = {}
+
+    def get(backbone):
+        if backbone not in cache:
+            path = tmp_path_factory.mktemp("teacher") / f"{backbone}.ckpt"
+            cache[backbone] = train_recipe(
+                REPO / "recipes" / "quickstart.yaml", path,
+                ["--model.algorithm", "pretrain", "--model.backbone", backbone,
+                 "--model.backbone_args", "{}", "--trainer.max_steps", "3"])
+        return cache[backbone]
+    return get
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_fast_dev_run(algorithm, backbone, teacher, in_tmp):
+    if algorithm == "l2l" and not HAS_L2L:
+        pytest.skip("learn2learn is not installed here (make test-l2l runs this in its venv)")
+    args = ["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"),
+            "--trainer.fast_dev_run", "1", "--model.algorithm", algorithm,
+            "--model.backbone", backbone, "--model.backbone_args", "{}"]
+    if algorithm == "distill":
+        args += ["--model.algorithm_args", f"{{teacher_checkpoint: {teacher(backbone)}}}"]
+    trainer = MetarecCLI(args=args).trainer
+    assert trainer.global_step == 1
+    for key in ("train/loss", "val/loss", "val/step0/loss"):
+        assert bool(trainer.callback_metrics[key].isfinite()), key
+
+
+def test_l2l_without_learn2learn_says_how_to_install():
+    if HAS_L2L:
+        pytest.skip("learn2learn is installed")
+    from metarec_plugins.algorithms.l2l import L2L
+
+    with pytest.raises(ImportError, match="learn2learn-venv.sh"):
+        L2L()
