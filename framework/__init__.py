@@ -5,6 +5,7 @@ The public API that plugins (built-in and third-party) build on is exported here
 
 from metarec.algorithm import MetaAlgorithm
 from metarec.backbone import Backbone
+from metarec.checkpoint import load_backbone, load_checkpoint, train_recipe
 from metarec.data import (
     DataError,
     EpisodeBatch,
@@ -20,7 +21,6 @@ from metarec.data import (
     read_frame,
     require_columns,
 )
-from metarec.checkpoint import load_backbone, load_checkpoint, train_recipe
 from metarec.dataset import Dataset
 from metarec.functional import (
     SGD,

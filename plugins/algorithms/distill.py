@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-from metarec import (EpisodeBatch, FunctionalModel, inputs, load_backbone, masked_loss,
-                     train_recipe)
+from metarec import EpisodeBatch, FunctionalModel, inputs, load_backbone, masked_loss, train_recipe
 from metarec_plugins.algorithms.maml import MAML
 
 
