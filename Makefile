@@ -9,7 +9,12 @@ export METAREC_DATA
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: setup quickstart test lint results clean
+# learn2learn interop runs in its own venv (learn2learn 0.2.0 does not build on Python 3.11 from
+# PyPI; ../shared/tools/learn2learn-venv.sh patches and builds it).
+L2L_VENV ?= $(HOME)/.cache/metarec/l2l-venv
+L2L_SCRIPT ?= ../shared/tools/learn2learn-venv.sh
+
+.PHONY: setup quickstart test test-l2l lint results clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +31,13 @@ quickstart: setup
 
 test: setup
 	$(PY) -m pytest -q -x --durations=15
+
+test-l2l:
+	@if [ ! -f $(L2L_SCRIPT) ]; then echo "test-l2l: $(L2L_SCRIPT) not found, skipped"; exit 0; fi; \
+	bash $(L2L_SCRIPT) $(L2L_VENV) && \
+	$(L2L_VENV)/bin/python -m pip install -q -e ".[dev]" "numpy<2" && \
+	$(L2L_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_l2l.py \
+	    tests/test_algorithm_matrix.py tests/test_recipes.py -k "l2l"
 
 lint: setup
 	$(VENV)/bin/ruff check framework plugins tests benchmarks
