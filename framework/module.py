@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -33,6 +33,9 @@ class MetaLearner(pl.LightningModule):
         lr_scheduler: optional scheduler factory, stepped after every meta-training step
             (e.g. ``torch.optim.lr_scheduler.LinearLR`` to anneal Reptile's outer step size).
         metrics: which metrics, and how query relevance is defined.
+        nonfinite: what a NaN/inf outer loss does: ``error`` stops with the users and inner
+            step that diverged; ``skip`` skips that batch's update and counts it
+            (``train/skipped_batches``).
         schema: the data schema; the CLI links it from the datamodule.
     """
 
@@ -42,6 +45,7 @@ class MetaLearner(pl.LightningModule):
                  optimizer: OptimizerFactory | None = None,
                  lr_scheduler: SchedulerFactory | None = None,
                  metrics: MetricsConfig | None = None,
+                 nonfinite: Literal["error", "skip"] = "error",
                  schema: DataSchema | None = None) -> None:
         super().__init__()
         if schema is None:
@@ -60,6 +64,10 @@ class MetaLearner(pl.LightningModule):
         if not isinstance(self.policy.max_steps, int) or self.policy.max_steps < 0:
             raise ValueError(f"policy {policy!r}: max_steps must be a non-negative int once bound "
                              f"(metrics are kept for steps 0..max_steps), got {self.policy.max_steps!r}")
+        if nonfinite not in ("error", "skip"):
+            raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.skipped_batches = 0
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.metrics_config = metrics or MetricsConfig()
@@ -69,12 +77,43 @@ class MetaLearner(pl.LightningModule):
                                               self.metrics_config, schema.rating_range)
 
     # -- meta-training -------------------------------------------------------------------
-    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> torch.Tensor | None:
         loss, logs = self.algorithm.outer_loss(self.functional, batch)
+        if not torch.isfinite(loss):
+            if self.nonfinite == "error":
+                raise FloatingPointError(self._diagnose_nonfinite(batch))
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches), batch_size=len(batch))
+            return None  # Lightning skips the optimiser step
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         for name, value in logs.items():
             self.log(f"train/{name}", value, batch_size=len(batch))
         return loss
+
+    def _diagnose_nonfinite(self, batch: EpisodeBatch) -> str:
+        """Which users' inner loops diverged, and at which inner step (slow path, on failure)."""
+        fast, slow = self.functional.split()
+        fast = {k: v.detach() for k, v in fast.items()}
+        slow = {k: v.detach() for k, v in slow.items()}
+        keys = getattr(getattr(self.trainer, "datamodule", None), "table", None)
+        keys = getattr(keys, "user_keys", None)
+        found = []
+        with torch.no_grad():
+            for t in range(len(batch)):
+                support = {k: v[t] for k, v in batch.support.items()}
+                iterates = self.algorithm.adapt(self.functional, fast, slow, support,
+                                                first_order=True, trajectory=True)
+                for step, params in enumerate(iterates):
+                    loss = self.functional.loss(params, slow, support)
+                    if not torch.isfinite(loss):
+                        user = int(batch.users[t])
+                        found.append((user if keys is None else keys[user], step))
+                        break
+        where = (", ".join(f"user {u} at inner step {s}" for u, s in found[:10])
+                 if found else "no single task's inner loop (the outer loss itself)")
+        return (f"non-finite outer loss at global step {self.global_step}: diverged for {where}"
+                f"{' and more' if len(found) > 10 else ''}. Lower the inner or outer learning "
+                "rate, set trainer.gradient_clip_val, or set model.nonfinite: skip.")
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

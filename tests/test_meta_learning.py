@@ -60,3 +60,21 @@ def test_evaluation_never_mutates_the_meta_learned_weights(in_tmp):
     assert first["test/loss"] < first["test/step0/loss"]  # adaptation did change predictions
     for k, v in cli.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_diverging_inner_loop_names_users_and_step(in_tmp):
+    cli = _cli("--trainer.max_steps", "2", "--model.algorithm_args", "{inner_steps: 3, inner_lr: 1e6}")
+    with pytest.raises(FloatingPointError) as err:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    message = str(err.value)
+    assert "diverged for user" in message and "at inner step" in message
+    assert "gradient_clip_val" in message
+
+
+def test_diverging_batches_can_be_skipped_and_counted(in_tmp):
+    cli = _cli("--trainer.max_steps", "3", "--trainer.max_epochs", "1", "--model.nonfinite", "skip",
+               "--model.algorithm_args", "{inner_steps: 3, inner_lr: 1e6}")
+    before = {k: v.clone() for k, v in cli.model.state_dict().items()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.model.skipped_batches >= 3
+    assert all(torch.equal(v, before[k]) for k, v in cli.model.state_dict().items())
