@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from metarec.algorithm import MetaAlgorithm
 from metarec.data.episodes import FeatureBatch
 from metarec.functional import FunctionalModel, Params
@@ -24,3 +26,11 @@ class AdaptationPolicy:
     def adapt(self, model: FunctionalModel, fast: Params, slow: Params,
               support: FeatureBatch) -> list[Params]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Per-task values describing the most recent :meth:`adapt` call, each shaped ``(B,)``.
+
+        E.g. ``{"steps_used": ...}`` for a policy that decides per task how long to adapt.
+        Evaluation may log their means next to the metrics. Default: none.
+        """
+        return {}
