@@ -132,20 +132,25 @@ class MetaLearner(pl.LightningModule):
         slow = {k: v.detach() for k, v in slow.items()}
         return self.policy.adapt(self.functional, fast, slow, batch.support)
 
-    def _evaluate(self, batch: EpisodeBatch, metrics: AdaptationMetrics) -> None:
+    def _evaluate(self, batch: EpisodeBatch, metrics: AdaptationMetrics, prefix: str) -> None:
         slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
         base = None
-        for step, fast in enumerate(self.adapt(batch)):
+        iterates = self.adapt(batch)
+        # Per-task facts about this adaptation (e.g. early-stop's steps used), averaged over tasks.
+        for name, values in self.policy.diagnostics().items():
+            self.log(f"{prefix}/{name}", values.float().mean(), batch_size=len(batch),
+                     sync_dist=True)
+        for step, fast in enumerate(iterates):
             scores = self.functional.predict_tasks(fast, slow, batch.query)
             losses = self.functional.loss_tasks(fast, slow, batch.query)
             base = losses if base is None else base
             metrics.update(step, scores, batch.query, batch.users, losses, base)
 
     def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
+        self._evaluate(batch, self.val_metrics, "val")
 
     def test_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+        self._evaluate(batch, self.test_metrics, "test")
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")

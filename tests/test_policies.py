@@ -354,3 +354,13 @@ def test_defaults():
     assert (e.max_steps, e.target_ratio, e.patience, e.min_delta, e.lr) == (20, 0.5, 3, 0.0, None)
     e.bind(MAML(inner_steps=4))
     assert e.max_steps == 20  # a cap of its own, not the algorithm's inner_steps
+
+
+def test_early_stop_steps_used_reach_the_logs(in_tmp):
+    from metarec.cli import MetarecCLI
+
+    cli = MetarecCLI(args=["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"),
+                           "--trainer.fast_dev_run", "1", "--model.policy", "early-stop",
+                           "--model.policy_args", "{max_steps: 6, target_ratio: 0.9}"])
+    used = float(cli.trainer.callback_metrics["val/steps_used"])
+    assert 0 <= used <= 6
