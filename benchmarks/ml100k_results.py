@@ -158,13 +158,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "ml100k_results.json"))
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="merge the runs of these JSON files (from parallel invocations)")
     parser.add_argument("extra", nargs="*", help="extra CLI overrides, after --")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     epochs = 2 if args.quick else args.epochs
     rows = []
-    for backbone in args.backbones.split(","):
+    if args.merge:
+        rows = [r for path in args.merge for r in json.loads(Path(path).read_text())["runs"]]
+    for backbone in args.backbones.split(",") if not args.merge else []:
         for algorithm in args.algorithms.split(","):
             for seed in seeds:
                 start = time.perf_counter()
