@@ -88,6 +88,13 @@ def run_one(backbone: str, algorithm: str, seed: int, epochs: int | None,
             "--data.seed", str(seed), *extra]
     if epochs is not None:
         args += ["--trainer.max_epochs", str(epochs)]
+    if algorithm == "distill":
+        # Recipe interpolations resolve when the YAML is read, before --data.seed applies: name
+        # the teacher of this split explicitly, so it never saw this split's test users.
+        args += ["--model.algorithm_args.teacher_checkpoint",
+                 f"runs/teachers/{backbone}-large-ml100k-split{seed}.ckpt",
+                 "--model.algorithm_args.teacher_overrides",
+                 json.dumps(["--data.seed", str(seed), "--seed_everything", str(seed)])]
     cli = MetarecCLI(args=args, run=False)
     timer = EpochTimer()
     cli.trainer.callbacks.append(timer)
