@@ -3,6 +3,7 @@
 The public API that plugins (built-in and third-party) build on is exported here.
 """
 
+from metarec.adapter import Adapter, Recommendations, UserSession
 from metarec.algorithm import MetaAlgorithm
 from metarec.backbone import Backbone
 from metarec.checkpoint import load_backbone, load_checkpoint, train_recipe
@@ -40,7 +41,7 @@ from metarec.schema import DataSchema, FeatureSpec
 __version__ = "0.1.0"
 
 __all__ = [
-    "SGD", "AdaptationPolicy", "Adam", "Backbone", "DataError", "DataSchema", "Dataset",
+    "SGD", "AdaptationPolicy", "Adam", "Adapter", "Recommendations", "UserSession", "Backbone", "DataError", "DataSchema", "Dataset",
     "EpisodeBatch", "EpisodeCollator", "Feature", "FeatureBatch", "FeatureSpec",
     "FunctionalModel", "InnerOptimizer", "InteractionTable", "MetaAlgorithm", "MetricsConfig",
     "Objective", "Params", "PluginError", "TaskConfig", "available", "build", "build_tasks",

@@ -165,6 +165,21 @@ class MetaLearner(pl.LightningModule):
         self.log_dict({k: v for k, v in values.items() if k not in headline})
         metrics.reset()
 
+    # -- deployment ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store what deployment needs beside the weights (``checkpoint["metarec_data"]``): the
+        user and item feature tables and the raw id keys of the datamodule's interaction table,
+        so that :class:`metarec.Adapter` needs nothing but the checkpoint."""
+        table = getattr(getattr(self._trainer, "datamodule", None), "table", None)
+        if table is None:
+            return
+        keys = lambda k: None if k is None else k.tolist()  # noqa: E731 - plain lists pickle anywhere
+        checkpoint["metarec_data"] = {
+            "user_features": {f.spec.key: torch.from_numpy(f.values) for f in table.user_features},
+            "item_features": {f.spec.key: torch.from_numpy(f.values) for f in table.item_features},
+            "user_keys": keys(table.user_keys), "item_keys": keys(table.item_keys),
+        }
+
     def predict_step(self, batch: EpisodeBatch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Adapted scores for each task's query items: users, items, scores, labels, mask."""
         slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
