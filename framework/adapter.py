@@ -199,14 +199,16 @@ class Adapter:
             if user is not None or user_features is not None:
                 raise TypeError("adapt({user: events, ...}) takes no user or user_features")
             users = list(interactions)
-            sessions = self._adapt(users, [interactions[u] for u in users], None, seed)
-            return dict(zip(users, sessions))
-        return self._adapt([user], [interactions], user_features, seed)[0]
+            parsed = [self._events(interactions[u], f"interactions of user {u}") for u in users]
+            return dict(zip(users, self._adapt(users, parsed, None, seed)))
+        parsed = [self._events(interactions, "interactions")]
+        return self._adapt([user], parsed, user_features, seed)[0]
 
-    def _adapt(self, users: list[int | None], streams: list[Any],
+    def _adapt(self, users: list[int | None],
+               parsed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
                overrides: Mapping[str, Any] | None, seed: int | None) -> list[UserSession]:
+        """Adapt users from their parsed events (``_events``: oldest first, validated)."""
         rows = [self._user_row(u, overrides) for u in users]
-        parsed = [self._events(e, f"interactions of user {u}") for u, e in zip(users, streams)]
         support = self._support(rows, parsed)
         with torch.no_grad():
             if seed is None:
@@ -527,3 +529,114 @@ class UserSession:
         user = "new user" if self.user is None else f"user {self.user}"
         return f"UserSession({user}, {len(self._seen)} items seen)"
 
+
+
+# -- metarec adapt ---------------------------------------------------------------------------
+def read_interactions(path: str | Path, adapter: Adapter) -> dict[int, tuple[torch.Tensor, ...]]:
+    """Events per user of a CSV/Parquet file with columns ``user, item, label[, timestamp]``.
+
+    Ids are raw ids when the checkpoint stores keys (as in the training data), else contiguous
+    ids. Returns ``{contiguous user: (items, labels, times or None)}``, users in order of first
+    appearance, each user's events in timestamp order (file order without timestamps). A bad
+    value raises a :class:`DataError` naming the file, line and field.
+    """
+    from metarec.data import DataError, numeric_column, read_frame, require_columns
+
+    frame = read_frame(path)
+    require_columns(frame, ["user", "item", "label"])
+    source, lines = frame.attrs.get("source"), frame.attrs["line"]
+
+    def ids(field: str, keys: list[Hashable] | None, count: int) -> np.ndarray:
+        if keys is None:
+            return numeric_column(frame, field, integer=True, minimum=0, maximum=count - 1)
+        if all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in keys):
+            raw: Sequence[Hashable] = numeric_column(frame, field, integer=True).tolist()
+        else:
+            raw = frame[field].astype(str).tolist()
+            keys = [str(k) for k in keys]
+        index = {k: i for i, k in enumerate(keys)}
+        out = np.empty(len(raw), dtype=np.int64)
+        for row, key in enumerate(raw):
+            code = index.get(key)
+            if code is None:
+                raise DataError(f"unknown {field} id {key!r}: not among the checkpoint's "
+                                f"{count} {field}s", source=source, line=int(lines[row]),
+                                field=field)
+            out[row] = code
+        return out
+
+    users = ids("user", adapter.user_keys, adapter.num_users)
+    items = ids("item", adapter.item_keys, adapter.num_items)
+    schema = adapter.schema
+    low, high = ((0.0, 1.0) if schema.feedback == "implicit" else
+                 (schema.rating_range or (None, None)))
+    labels = numeric_column(frame, "label", minimum=low, maximum=high)
+    times = numeric_column(frame, "timestamp", integer=True) if "timestamp" in frame else None
+    # Grouped by user; within a user by timestamp (file order on ties, or without timestamps).
+    order = np.lexsort((np.arange(len(users)),) + (() if times is None else (times,)) + (users,))
+    first = {}
+    for u in users.tolist():
+        first.setdefault(u, len(first))
+    grouped: dict[int, tuple[torch.Tensor, ...]] = {}
+    bounds = np.flatnonzero(np.diff(users[order])) + 1
+    for rows in np.split(order, bounds) if len(order) else []:
+        user = int(users[rows[0]])
+        grouped[user] = (torch.as_tensor(items[rows], device=adapter.device),
+                         torch.as_tensor(labels[rows], dtype=torch.float32, device=adapter.device),
+                         None if times is None else torch.as_tensor(times[rows],
+                                                                    device=adapter.device))
+    return {u: grouped[u] for u in sorted(grouped, key=first.__getitem__)}
+
+
+def adapt_command(argv: Sequence[str], stream: Any = None) -> None:
+    """``metarec adapt``: adapt the users of an interactions file and print their top-k as JSON
+    Lines (one object per user: ``{"user": id, "items": [ids], "scores": [floats]}``)."""
+    import argparse
+    import json
+    import sys
+
+    import yaml
+
+    from metarec.data import DataError
+    from metarec.registry import PluginError
+
+    parser = argparse.ArgumentParser(
+        prog="metarec adapt",
+        description="Adapt users from their interactions with a checkpoint made by metarec fit "
+                    "and print top-k recommendations per user as JSON Lines.")
+    parser.add_argument("--ckpt", required=True, help="checkpoint made by metarec fit")
+    parser.add_argument("--interactions", required=True,
+                        help="CSV/Parquet file with columns user,item,label[,timestamp]")
+    parser.add_argument("--k", type=int, default=10, help="recommendations per user (10)")
+    parser.add_argument("--policy", default=None, help="adaptation policy (default: the "
+                        "checkpoint's)")
+    parser.add_argument("--policy-args", default=None,
+                        help="policy arguments as YAML/JSON, e.g. '{steps: 5}'")
+    parser.add_argument("--include-seen", action="store_true",
+                        help="also recommend items the user has interacted with")
+    parser.add_argument("--batch-users", type=int, default=1024,
+                        help="users adapted per vmapped call (1024)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(list(argv))
+    stream = stream or sys.stdout
+    if args.k < 1 or args.batch_users < 1:
+        parser.error("--k and --batch-users must be >= 1")
+    try:
+        policy_args = None if args.policy_args is None else yaml.safe_load(args.policy_args)
+        if policy_args is not None and not isinstance(policy_args, dict):
+            raise ValueError(f"--policy-args must be a mapping, got {args.policy_args!r}")
+        adapter = Adapter.from_checkpoint(args.ckpt, policy=args.policy,
+                                          policy_args=policy_args, device=args.device)
+        events = read_interactions(args.interactions, adapter)
+        users = list(events)
+        for lo in range(0, len(users), args.batch_users):
+            chunk = users[lo:lo + args.batch_users]
+            sessions = adapter._adapt(chunk, [events[u] for u in chunk], None, args.seed)
+            for user, session in zip(chunk, sessions):
+                rec = session.recommend(args.k, exclude_seen=not args.include_seen)
+                stream.write(json.dumps({"user": adapter.decode_user(user),
+                                         "items": adapter.decode_items(rec.items),
+                                         "scores": [float(x) for x in rec.scores]}) + "\n")
+    except (DataError, PluginError, ValueError, KeyError, FileNotFoundError, yaml.YAMLError) as err:
+        parser.exit(2, f"metarec adapt: error: {err}\n")

@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["plugins"]:
         print_plugins()
         return
+    if args[:1] == ["adapt"]:
+        from metarec.adapter import adapt_command
+
+        adapt_command(args[1:])
+        return
     MetarecCLI(args=argv)  # None: LightningCLI reads sys.argv itself
 
 
