@@ -116,13 +116,16 @@ class Online(AdaptationPolicy):
 
         def one_task(task: FeatureBatch) -> list[Params]:
             theta, iterates = fast, [fast]
+            count = task["mask"].sum()  # this task's events: slots 0..count-1 (oldest first)
             for u in range(chunks):
                 end = min((u + 1) * per, width)
-                # The buffer after chunk u: the latest `size` slots up to its end. Slots are a
-                # prefix of valid events (oldest first), so masking the window gives exactly
-                # the latest min(size, events so far) events.
-                lo = max(0, (u + 1) * per - size)
+                # The buffer after chunk u: the latest `size` events up to the chunk's last
+                # event, slots [min(end, count) - size, min(end, count)). Statically, that lies
+                # in [u * per + 1 - size, end) when the chunk has an event; mask the rest.
+                lo = max(0, u * per + 1 - size)
+                slots = torch.arange(lo, end, device=mask.device)
                 buffer = {k: v[lo:end] for k, v in task.items()}
+                buffer["mask"] = buffer["mask"] & (slots >= torch.clamp(count, max=end) - size)
                 new = self.step(theta, fast, buffer, optimizer, objective)
                 active = task["mask"][u * per]  # chunk u holds at least one event of this task
                 theta = {k: torch.where(active, new[k], theta[k]) for k in theta}
