@@ -8,6 +8,7 @@ from metarec.algorithm import MetaAlgorithm
 from metarec.backbone import Backbone
 from metarec.checkpoint import load_backbone, load_checkpoint, train_recipe
 from metarec.data import (
+    ENCODED,
     DataError,
     EpisodeBatch,
     EpisodeCollator,
@@ -41,7 +42,7 @@ from metarec.schema import DataSchema, FeatureSpec
 __version__ = "0.1.0"
 
 __all__ = [
-    "SGD", "AdaptationPolicy", "Adam", "Adapter", "Recommendations", "UserSession", "Backbone", "DataError", "DataSchema", "Dataset",
+    "ENCODED", "SGD", "AdaptationPolicy", "Adam", "Adapter", "Recommendations", "UserSession", "Backbone", "DataError", "DataSchema", "Dataset",
     "EpisodeBatch", "EpisodeCollator", "Feature", "FeatureBatch", "FeatureSpec",
     "FunctionalModel", "InnerOptimizer", "InteractionTable", "MetaAlgorithm", "MetricsConfig",
     "Objective", "Params", "PluginError", "TaskConfig", "available", "build", "build_tasks",

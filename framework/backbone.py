@@ -33,6 +33,17 @@ class Backbone(nn.Module):
         """Patterns of the parameters adapted per task by default."""
         raise NotImplementedError
 
+    def encoder_parameters(self) -> list[str]:
+        """Optional fast path: patterns of the parameters of the backbone's *encoder*.
+
+        A backbone whose forward is ``head(encode(features))`` can declare the parameters
+        ``encode`` uses and accept ``forward(features, encode_only=True)`` (returning the
+        encoding) and a precomputed encoding under ``features[ENCODED]``. When no fast parameter
+        is an encoder parameter, the inner loop encodes each task once instead of at every
+        inner step (the encoding depends only on slow parameters). Default: no encoder.
+        """
+        return []
+
     def head_parameters(self) -> list[str]:
         """Patterns of the output head (what ANIL adapts). Default: the last module that owns
         parameters directly, e.g. the final ``nn.Linear``."""

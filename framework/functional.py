@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from metarec.data.episodes import FeatureBatch, inputs
+from metarec.data.episodes import ENCODED, FeatureBatch, inputs
 
 Params = dict[str, torch.Tensor]
 # An inner objective of one task: (fast params, support batch) -> scalar loss.
@@ -114,6 +114,19 @@ class FunctionalModel:
         self.backbone = backbone
         self.fast_names = tuple(fast_names)
         self.feedback = feedback
+        encoder = getattr(backbone, "encoder_parameters", lambda: [])()
+        # Encode once per task when the encoder holds no fast parameter (see Backbone).
+        self.encodes = bool(encoder) and not any(
+            fnmatch.fnmatchcase(n, p) for n in self.fast_names for p in encoder)
+
+    def prepare(self, slow: Params, batch: FeatureBatch) -> FeatureBatch:
+        """``batch`` plus the backbone's slow-only encoding of it, when the backbone has one."""
+        if not self.encodes or ENCODED in batch:
+            return batch
+        buffers = dict(self.backbone.named_buffers())
+        encoded = functional_call(self.backbone, (slow, buffers), (inputs(batch),),
+                                  {"encode_only": True})
+        return {**batch, ENCODED: encoded}
 
     def split(self) -> tuple[Params, Params]:
         """The live (fast, slow) parameters: autograd reaches the backbone through them."""
@@ -144,6 +157,7 @@ class FunctionalModel:
         """
         if objective is None:
             objective = lambda f, batch: self.loss(f, slow, batch)  # noqa: E731
+        support = self.prepare(slow, support)  # encoded once, reused by every inner step
         loss_grad = grad(objective)
         state = optimizer.init(fast)
         iterates = [fast]

@@ -87,3 +87,21 @@ def test_vmapped_batch_equals_loop_of_single_tasks():
         single = model.adapt(fast, slow, support, 2, algo.inner_optimizer())
         for k in fast:
             torch.testing.assert_close(batched[k][t], single[k], rtol=1e-6, atol=1e-9)
+
+
+def test_encoding_once_per_task_changes_nothing_but_speed():
+    """MeLU's embeddings are slow: they are encoded once per task, not at every inner step."""
+    table, batch = synthetic_batch(n_tasks=4)
+    backbone, model = _model(table)
+    assert model.encodes
+    loss, _ = MAML(3, 0.1).outer_loss(model, batch)
+    grads = torch.autograd.grad(loss, list(backbone.parameters()))
+    model.encodes = False
+    ref_loss, _ = MAML(3, 0.1).outer_loss(model, batch)
+    ref = torch.autograd.grad(ref_loss, list(backbone.parameters()))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # With every parameter fast (e.g. Reptile's ["*"]) the encoder is adapted: no caching.
+    everything = FunctionalModel(backbone, [n for n, _ in backbone.named_parameters()], "explicit")
+    assert not everything.encodes

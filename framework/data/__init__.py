@@ -1,13 +1,13 @@
 """Data: interaction tables, validated readers, task building and episode batches."""
 
-from metarec.data.episodes import EpisodeBatch, EpisodeCollator, FeatureBatch, inputs
+from metarec.data.episodes import ENCODED, EpisodeBatch, EpisodeCollator, FeatureBatch, inputs
 from metarec.data.errors import DataError
 from metarec.data.readers import numeric_column, read_frame, require_columns
 from metarec.data.table import Feature, InteractionTable, encode_ids
 from metarec.data.tasks import TaskConfig, TaskSet, TaskSplits, build_tasks
 
 __all__ = [
-    "DataError", "EpisodeBatch", "EpisodeCollator", "Feature", "FeatureBatch",
+    "ENCODED", "DataError", "EpisodeBatch", "EpisodeCollator", "Feature", "FeatureBatch",
     "InteractionTable", "TaskConfig", "TaskSet", "TaskSplits", "build_tasks", "encode_ids",
     "inputs", "numeric_column", "read_frame", "require_columns",
 ]

@@ -19,6 +19,8 @@ from metarec.data.tasks import TaskSet
 
 FeatureBatch = dict[str, torch.Tensor]
 RESERVED_KEYS = ("label", "mask", "time")
+# Key of a backbone's cached slow-only encoding of a batch (see Backbone.encoder_parameters).
+ENCODED = "_encoded"
 
 
 @dataclass

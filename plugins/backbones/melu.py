@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from metarec import Backbone, DataSchema
+from metarec import ENCODED, Backbone, DataSchema
 
 
 class MeLU(Backbone):
@@ -55,7 +55,15 @@ class MeLU(Backbone):
             # Start at the middle of the rating scale rather than at 0.
             nn.init.constant_(self.output.bias, sum(schema.rating_range) / 2)
 
-    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Mapping[str, torch.Tensor],
+                encode_only: bool = False) -> torch.Tensor:
+        h = features[ENCODED] if ENCODED in features else self.encode(features)
+        if encode_only:
+            return h
+        return self.output(self.decision(h)).squeeze(-1)
+
+    def encode(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The concatenated user and item embeddings (slow parameters only)."""
         parts = []
         for spec in self.specs:
             table = self.embeddings[spec.key.replace(".", "__")]
@@ -68,10 +76,13 @@ class MeLU(Backbone):
         if self.use_ids:
             parts += [self.user_embedding(features["user_id"]),
                       self.item_embedding(features["item_id"])]
-        return self.output(self.decision(torch.cat(parts, dim=-1))).squeeze(-1)
+        return torch.cat(parts, dim=-1)
 
     def default_fast_parameters(self) -> list[str]:
         return ["decision.*", "output.*"]
 
     def head_parameters(self) -> list[str]:
         return ["output.*"]
+
+    def encoder_parameters(self) -> list[str]:
+        return ["embeddings.*", "user_embedding.*", "item_embedding.*"]
