@@ -26,6 +26,7 @@ the session's current parameters (finetune: ``steps`` more steps on the new feed
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -132,7 +133,13 @@ class Adapter:
         elif policy_args is not None:
             hparams["policy_args"] = policy_args
         accepted = inspect.signature(MetaLearner).parameters
-        model = MetaLearner(**{k: v for k, v in hparams.items() if k in accepted})
+        kwargs = {k: v for k, v in hparams.items() if k in accepted}
+        instantiator = hparams.get("_instantiator")
+        if instantiator:  # saved by LightningCLI: typed arguments (e.g. metrics) are plain dicts
+            module, _, name = str(instantiator).rpartition(".")
+            model = getattr(importlib.import_module(module), name)(MetaLearner, kwargs)
+        else:
+            model = MetaLearner(**kwargs)
         model.load_state_dict(ckpt["state_dict"])
         data = ckpt.get("metarec_data") or {}
         if item_features is None and "item_features" not in data and model.schema.of("item"):
@@ -234,7 +241,7 @@ class Adapter:
         if not self.compile:
             return self.policy.adapt(self.functional, self.start, self.slow, support)[-1]
         users, width = support["mask"].shape
-        padded = {k: self._pad(v, _bucket(users, 1), _bucket(width, 8)) for k, v in support.items()}
+        padded = {k: self._pad(v, _bucket(users, 1), _bucket(width, 64)) for k, v in support.items()}
         if self._compiled is None:
             import torch._dynamo.config as dynamo
 

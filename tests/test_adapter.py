@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.cli import instantiate_module
 
 from conftest import REPO
 from metarec import Adapter, UserSession, load_checkpoint
@@ -27,8 +28,10 @@ def fitted(tmp_path_factory):
     cwd, tmp = os.getcwd(), tmp_path_factory.mktemp("fit")
     os.chdir(tmp)
     try:
+        # metrics: a typed (dataclass) argument, saved as a dict in the checkpoint.
         cli = MetarecCLI(args=["fit", "--config", QUICKSTART, *QUIET, "--trainer.max_steps", "3",
-                               "--trainer.limit_val_batches", "0"])
+                               "--trainer.limit_val_batches", "0",
+                               "--model.metrics", "{top_k: [5], relevance: threshold}"])
     finally:
         os.chdir(cwd)
     (ckpt,) = (tmp / "runs" / "checkpoints").glob("*.ckpt")
@@ -54,7 +57,7 @@ def _evaluation_scores(ckpt, cli, policy=None, policy_args=None):
           if not k.startswith("_")}
     if policy is not None:
         hp.update(policy=policy, policy_args=policy_args)
-    model = MetaLearner(**hp)
+    model = instantiate_module(MetaLearner, hp)  # as Lightning reloads a CLI checkpoint
     model.load_state_dict(load_checkpoint(ckpt)["state_dict"])
     model.eval()
     tasks = cli.datamodule.splits.test
@@ -77,6 +80,8 @@ def test_the_checkpoint_carries_the_feature_tables(fitted):
         for f in feats:
             assert np.array_equal(data[f"{owner}_features"][f.spec.key].numpy(), f.values)
     assert data["user_keys"] is None and data["item_keys"] is None  # synthetic: contiguous ids
+    adapter = Adapter.from_checkpoint(ckpt)  # typed hyperparameters restored
+    assert adapter.model.metrics_config.top_k == [5]
 
 
 @pytest.mark.parametrize("policy,policy_args", [
