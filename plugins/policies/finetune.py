@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from torch.func import vmap
 
-from metarec import SGD, AdaptationPolicy, FeatureBatch, FunctionalModel, MetaAlgorithm, Params
+from metarec import (
+    SGD,
+    AdaptationPolicy,
+    FeatureBatch,
+    FunctionalModel,
+    InnerOptimizer,
+    MetaAlgorithm,
+    Params,
+)
 
 
 class FineTune(AdaptationPolicy):
@@ -31,12 +39,16 @@ class FineTune(AdaptationPolicy):
         if self.steps is None:
             self.max_steps = algorithm.inner_steps
 
+    def optimizer(self) -> InnerOptimizer:
+        """The inner optimiser of each step: ``SGD(lr)`` if ``lr`` is set, else the algorithm's."""
+        if self.algorithm is None:
+            raise RuntimeError(f"{type(self).__name__} used before bind(algorithm)")
+        return SGD(self.lr) if self.lr is not None else self.algorithm.inner_optimizer()
+
     def adapt(self, model: FunctionalModel, fast: Params, slow: Params,
               support: FeatureBatch) -> list[Params]:
-        algorithm = self.algorithm
-        if algorithm is None:
-            raise RuntimeError("FineTune.adapt called before bind(algorithm)")
-        optimizer = SGD(self.lr) if self.lr is not None else algorithm.inner_optimizer()
+        algorithm, optimizer = self.algorithm, self.optimizer()
+        # The algorithm's inner loop (its objective) with this optimiser; iterates 0..max_steps.
         return vmap(lambda task: algorithm.adapt(model, fast, slow, task, steps=self.max_steps,
                                                  optimizer=optimizer, first_order=True,
                                                  trajectory=True),

@@ -13,17 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from torch.func import vmap
-
-from metarec import (
-    SGD,
-    AdaptationPolicy,
-    FeatureBatch,
-    FunctionalModel,
-    InnerOptimizer,
-    MetaAlgorithm,
-    Params,
-)
+from metarec import InnerOptimizer, Params
+from metarec_plugins.policies.finetune import FineTune
 
 
 class ProximalStep(InnerOptimizer):
@@ -51,7 +42,7 @@ class ProximalStep(InnerOptimizer):
         return new, (start, inner)
 
 
-class Proximal(AdaptationPolicy):
+class Proximal(FineTune):
     """``steps`` steps of the algorithm's inner loop, each pulled back toward the start by
     ``alpha * (theta - theta_0)``.
 
@@ -67,35 +58,12 @@ class Proximal(AdaptationPolicy):
 
     def __init__(self, steps: int | None = None, lr: float | None = None,
                  alpha: float = 0.1) -> None:
-        if steps is not None and steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
-        if lr is not None and not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        super().__init__(steps, lr)
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0 <= alpha < 1):
             raise ValueError(f"alpha must be in [0, 1) (0 = finetune; alpha >= 1 would pull onto "
                              f"or past the start every step), got {alpha!r}")
-        self.steps, self.lr, self.alpha = steps, lr, float(alpha)
-        self.max_steps = steps or 0
-        self.algorithm: MetaAlgorithm | None = None
-
-    def bind(self, algorithm: MetaAlgorithm) -> None:
-        self.algorithm = algorithm
-        if self.steps is None:
-            self.max_steps = algorithm.inner_steps
+        self.alpha = float(alpha)
 
     def optimizer(self) -> InnerOptimizer:
-        """The inner optimiser this policy steps with (the pull wrapped around the base)."""
-        algorithm = self.algorithm
-        if algorithm is None:
-            raise RuntimeError("Proximal used before bind(algorithm)")
-        base = SGD(self.lr) if self.lr is not None else algorithm.inner_optimizer()
-        return ProximalStep(base, self.alpha)
-
-    def adapt(self, model: FunctionalModel, fast: Params, slow: Params,
-              support: FeatureBatch) -> list[Params]:
-        algorithm, optimizer = self.algorithm, self.optimizer()
-        # The algorithm's inner loop (its objective) with our optimiser; iterates 0..max_steps.
-        return vmap(lambda task: algorithm.adapt(model, fast, slow, task, steps=self.max_steps,
-                                                 optimizer=optimizer, first_order=True,
-                                                 trajectory=True),
-                    randomness="different")(support)
+        """The fine-tuning optimiser with the pull toward the start wrapped around it."""
+        return ProximalStep(super().optimizer(), self.alpha)
