@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
 
 from metarec import registry
 from metarec.data.episodes import EpisodeCollator
@@ -40,11 +41,14 @@ class EpisodeDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         seed: seed of the user split, query draw and negative sampling (independent of the
             training seed, so several training seeds can share one split).
+        shuffle: shuffle the meta-training tasks every epoch (off: a fixed task order, e.g. to
+            compare a multi-process run with a single-process one batch for batch).
     """
 
     def __init__(self, dataset: str = "synthetic", dataset_args: dict[str, Any] | None = None,
                  tasks: TaskConfig | None = None, batch_size: int = 32,
-                 eval_batch_size: int = 256, num_workers: int = 0, seed: int = 0) -> None:
+                 eval_batch_size: int = 256, num_workers: int = 0, seed: int = 0,
+                 shuffle: bool = True) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
@@ -52,7 +56,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.dataset_args = dict(dataset_args or {})
         self.task_config = tasks or TaskConfig()
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle
         self._table: InteractionTable | None = None
         self._splits: TaskSplits | None = None
 
@@ -81,14 +85,22 @@ class EpisodeDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         tasks = self.splits[split]
-        return DataLoader(_TaskIndices(len(tasks)),
+        indices = _TaskIndices(len(tasks))
+        sampler = None
+        if split == "train" and torch.distributed.is_available() \
+                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # Shard tasks across ranks ourselves so `shuffle: false` really means a fixed order
+            # (Lightning's injected sampler would shuffle); rank r gets tasks r, r + W, ...
+            sampler = DistributedSampler(indices, shuffle=shuffle, seed=self.seed)
+            shuffle = False
+        return DataLoader(indices, sampler=sampler,
                           batch_size=self.batch_size if split == "train" else self.eval_batch_size,
                           shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=EpisodeCollator(tasks, self.table),
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -1,0 +1,1 @@
+"""Importable helpers for tests that launch `python -m metarec` subprocesses (PYTHONPATH=tests)."""
