@@ -26,6 +26,7 @@ the session's current parameters (finetune: ``steps`` more steps on the new feed
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 from collections.abc import Hashable, Mapping, Sequence
@@ -76,12 +77,16 @@ class Adapter:
             shapes serve any request). The first call of each shape compiles (tens of seconds on
             a small CPU); later calls are many times faster than eager. See
             docs/adaptation.md for the numbers.
+        group_size: users per vmapped policy call when many are adapted at once: they are
+            sorted by number of events and adapted in groups of this many, so that padding
+            every user to the group's longest support wastes little (None: one call for all).
     """
 
     def __init__(self, model: MetaLearner, *, item_features: Mapping[str, Any] | None = None,
                  user_features: Mapping[str, Any] | None = None,
                  user_keys: Sequence[Hashable] | None = None,
-                 item_keys: Sequence[Hashable] | None = None, compile: bool = False) -> None:
+                 item_keys: Sequence[Hashable] | None = None, compile: bool = False,
+                 group_size: int | None = 128) -> None:
         self.model = model.eval()
         self.functional = model.functional
         self.policy = model.policy
@@ -106,6 +111,9 @@ class Adapter:
         self.online = callable(getattr(self.policy, "update", None)) and \
             callable(getattr(self.policy, "init_state", None))
         self.compile = bool(compile)
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be >= 1 or None, got {group_size}")
+        self.group_size = group_size
         self._compiled: Any = None
         all_items = torch.arange(self.num_items, device=self.device)
         self._all_items = {"item_id": all_items,
@@ -116,7 +124,7 @@ class Adapter:
                         policy_args: dict[str, Any] | None = None, device: str | torch.device = "cpu",
                         *, item_features: Mapping[str, Any] | None = None,
                         user_features: Mapping[str, Any] | None = None,
-                        compile: bool = False) -> Adapter:
+                        compile: bool = False, group_size: int | None = 128) -> Adapter:
         """An adapter from a checkpoint made by ``metarec fit``.
 
         ``policy`` (an alias or class path) and ``policy_args`` replace the checkpoint's
@@ -149,7 +157,7 @@ class Adapter:
                    item_features=data.get("item_features") if item_features is None else item_features,
                    user_features=data.get("user_features") if user_features is None else user_features,
                    user_keys=data.get("user_keys"), item_keys=data.get("item_keys"),
-                   compile=compile)
+                   compile=compile, group_size=group_size)
 
     # -- ids ------------------------------------------------------------------------------
     def encode_user(self, raw: Hashable) -> int:
@@ -216,25 +224,29 @@ class Adapter:
                overrides: Mapping[str, Any] | None, seed: int | None) -> list[UserSession]:
         """Adapt users from their parsed events (``_events``: oldest first, validated)."""
         rows = [self._user_row(u, overrides) for u in users]
-        support = self._support(rows, parsed)
-        with torch.no_grad():
-            if seed is None:
+        order = list(range(len(users)))
+        size = self.group_size or len(order)
+        if len(order) > size:  # similar lengths together: little padding in each group
+            order.sort(key=lambda i: len(parsed[i][0]))
+        sessions: list[UserSession | None] = [None] * len(users)
+        rng = contextlib.nullcontext() if seed is None else torch.random.fork_rng(
+            devices=[] if self.device.type == "cpu" else [self.device])
+        with torch.no_grad(), rng:
+            if seed is not None:
+                torch.manual_seed(seed)
+            for lo in range(0, len(order), size):
+                group = order[lo:lo + size]
+                support = self._support([rows[i] for i in group], [parsed[i] for i in group])
                 adapted = self._run(support)
-            else:
-                with torch.random.fork_rng(devices=[] if self.device.type == "cpu"
-                                           else [self.device]):
-                    torch.manual_seed(seed)
-                    adapted = self._run(support)
-        sessions = []
-        for i, ((uid, values), (items, _, _)) in enumerate(zip(rows, parsed)):
-            fast = {k: v[i].clone() for k, v in adapted.items()}
-            state = None
-            if self.online:
-                n = len(items)
-                events = {k: v[i, :n] for k, v in support.items()}
-                state = self.policy.init_state(events)
-            sessions.append(UserSession(self, uid, values, fast, state, torch.unique(items)))
-        return sessions
+                for j, i in enumerate(group):
+                    (uid, values), items = rows[i], parsed[i][0]
+                    fast = {k: v[j].clone() for k, v in adapted.items()}
+                    state = None
+                    if self.online:
+                        state = self.policy.init_state(
+                            {k: v[j, :len(items)] for k, v in support.items()})
+                    sessions[i] = UserSession(self, uid, values, fast, state, torch.unique(items))
+        return sessions  # type: ignore[return-value]
 
     def _run(self, support: FeatureBatch) -> Params:
         """The policy's final iterate for a padded support batch (leading dim = users)."""

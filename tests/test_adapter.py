@@ -84,17 +84,20 @@ def test_the_checkpoint_carries_the_feature_tables(fitted):
     assert adapter.model.metrics_config.top_k == [5]
 
 
-@pytest.mark.parametrize("policy,policy_args", [
-    (None, None),  # the checkpoint's own: finetune with the algorithm's inner loop
-    ("proximal", {"alpha": 0.3, "steps": 4}),
-    ("online", {"events_per_update": 3, "buffer_size": 8, "steps_per_update": 2}),
+@pytest.mark.parametrize("policy,policy_args,group_size", [
+    (None, None, None),  # the checkpoint's own: finetune with the algorithm's inner loop
+    (None, None, 16),  # users sorted by support size, adapted 16 at a time
+    ("proximal", {"alpha": 0.3, "steps": 4}, None),
+    ("online", {"events_per_update": 3, "buffer_size": 8, "steps_per_update": 2}, 16),
 ])
-def test_adapted_predictions_equal_the_evaluation_path(fitted, policy, policy_args):
+def test_adapted_predictions_equal_the_evaluation_path(fitted, policy, policy_args, group_size):
     ckpt, cli = fitted
     batch, expected, start = _evaluation_scores(ckpt, cli, policy, policy_args)
-    adapter = Adapter.from_checkpoint(ckpt, policy=policy, policy_args=policy_args)
+    adapter = Adapter.from_checkpoint(ckpt, policy=policy, policy_args=policy_args,
+                                      group_size=group_size)
     streams, tasks = _test_streams(cli)
-    together = adapter.adapt(streams)  # every test user in one vmapped call
+    assert len(streams) > 64
+    together = adapter.adapt(streams)  # every test user at once (vmapped, in groups)
     mask = batch.query["mask"]
     checked = 0
     for t, user in enumerate(tasks.users.tolist()):
