@@ -43,15 +43,22 @@ class EpisodeDataModule(pl.LightningDataModule):
             training seed, so several training seeds can share one split).
         shuffle: shuffle the meta-training tasks every epoch (off: a fixed task order, e.g. to
             compare a multi-process run with a single-process one batch for batch).
+        history_length: when set, every support and query slot carries the user's history
+            (the latest ``history_length`` support interactions strictly before the slot; see
+            :mod:`metarec.data.episodes`), as sequential backbones such as ``transformer`` need.
+            Off by default (batches then carry no history keys).
     """
 
     def __init__(self, dataset: str = "synthetic", dataset_args: dict[str, Any] | None = None,
                  tasks: TaskConfig | None = None, batch_size: int = 32,
                  eval_batch_size: int = 256, num_workers: int = 0, seed: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, history_length: int | None = None) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+        if history_length is not None and history_length < 1:
+            raise ValueError(f"data.history_length must be >= 1 or null, got {history_length}")
+        self.history_length = history_length
         self.dataset_name = dataset
         self.dataset_args = dict(dataset_args or {})
         self.task_config = tasks or TaskConfig()
@@ -96,7 +103,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         return DataLoader(indices, sampler=sampler,
                           batch_size=self.batch_size if split == "train" else self.eval_batch_size,
                           shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=EpisodeCollator(tasks, self.table),
+                          collate_fn=EpisodeCollator(tasks, self.table, self.history_length),
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -7,12 +7,18 @@ import importlib.util
 import pytest
 
 from conftest import REPO
-from metarec import available, train_recipe
+from metarec import available, resolve, train_recipe
 from metarec.cli import MetarecCLI
 
 ALGORITHMS = sorted(i.alias for i in available("algorithms") if i.distribution == "metarec")
 BACKBONES = sorted(i.alias for i in available("backbones") if i.distribution == "metarec")
 HAS_L2L = importlib.util.find_spec("learn2learn") is not None
+
+
+def history_args(backbone: str) -> list[str]:
+    """Sequential backbones (``needs_history = True``) need histories in the batches."""
+    needs = getattr(resolve("backbones", backbone), "needs_history", False)
+    return ["--data.history_length", "8"] if needs else []
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +32,8 @@ def teacher(tmp_path_factory):
             cache[backbone] = train_recipe(
                 REPO / "recipes" / "quickstart.yaml", path,
                 ["--model.algorithm", "pretrain", "--model.backbone", backbone,
-                 "--model.backbone_args", "{}", "--trainer.max_steps", "3"])
+                 "--model.backbone_args", "{}", "--trainer.max_steps", "3",
+                 *history_args(backbone)])
         return cache[backbone]
     return get
 
@@ -38,7 +45,7 @@ def test_fast_dev_run(algorithm, backbone, teacher, in_tmp):
         pytest.skip("learn2learn is not installed here (make test-l2l runs this in its venv)")
     args = ["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"),
             "--trainer.fast_dev_run", "1", "--model.algorithm", algorithm,
-            "--model.backbone", backbone, "--model.backbone_args", "{}"]
+            "--model.backbone", backbone, "--model.backbone_args", "{}", *history_args(backbone)]
     if algorithm == "distill":
         args += ["--model.algorithm_args", f"{{teacher_checkpoint: {teacher(backbone)}}}"]
     trainer = MetarecCLI(args=args).trainer

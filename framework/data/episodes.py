@@ -5,7 +5,14 @@ A batch's ``support`` and ``query`` are plain dicts (pytrees), so they pass stra
 
 - ``"user_id"``, ``"item_id"``: ``(B, N)`` contiguous ids;
 - ``"user.<name>"`` / ``"item.<name>"``: features, ``(B, N)`` codes or ``(B, N, K)`` multi-hot;
-- ``"label"`` ``(B, N)`` float, ``"mask"`` ``(B, N)`` bool, ``"time"`` ``(B, N)`` int64.
+- ``"label"`` ``(B, N)`` float, ``"mask"`` ``(B, N)`` bool, ``"time"`` ``(B, N)`` int64;
+- with ``history_length`` set (opt-in), each slot's history: ``"history.item_id"`` ``(B, N, H)``
+  long, ``"history.label"`` ``(B, N, H)`` float, ``"history.mask"`` ``(B, N, H)`` bool and
+  ``"history.item.<name>"`` ``(B, N, H[, K])`` item features. The history of a slot is the
+  task's *support* interactions with a timestamp strictly before the slot's (ties excluded;
+  query labels are never visible), the most recent ``history_length`` of them, oldest first,
+  padding (mask False) at the end. These are model inputs: :func:`inputs` keeps them, and the
+  loss still uses the slot's own ``"label"``/``"mask"``.
 """
 
 from __future__ import annotations
@@ -46,10 +53,19 @@ class EpisodeCollator:
     Picklable, so it works as a ``DataLoader`` ``collate_fn`` with worker processes.
     """
 
-    def __init__(self, tasks: TaskSet, table: InteractionTable) -> None:
+    def __init__(self, tasks: TaskSet, table: InteractionTable,
+                 history_length: int | None = None) -> None:
+        if history_length is not None and history_length < 1:
+            raise ValueError(f"data.history_length must be >= 1 or null, got {history_length}")
         self.tasks = tasks
+        self.history_length = history_length
         self.user_features = {f.spec.key: torch.from_numpy(f.values) for f in table.user_features}
         self.item_features = {f.spec.key: torch.from_numpy(f.values) for f in table.item_features}
+        if history_length is not None:
+            # Histories rely on each task's support being stored oldest first (see _pad_split).
+            t, m = tasks.support_times, tasks.support_mask
+            if not bool(((t[:, 1:] >= t[:, :-1]) | ~m[:, 1:]).all()):
+                raise ValueError("support interactions must be stored oldest first per task")
 
     def __call__(self, indices: list[int] | torch.Tensor) -> EpisodeBatch:
         idx = torch.as_tensor(indices, dtype=torch.long)
@@ -59,7 +75,44 @@ class EpisodeCollator:
                              t.support_times[idx], t.support_mask[idx])
         query = self._side(users, t.query_items[idx], t.query_labels[idx], t.query_times[idx],
                            t.query_mask[idx])
+        if self.history_length is not None:
+            past = (t.support_items[idx], t.support_labels[idx], t.support_times[idx],
+                    t.support_mask[idx])
+            for side in (support, query):
+                side.update(self._history(*past, side["time"], side["mask"]))
         return EpisodeBatch(users=users, support=support, query=query)
+
+    def _history(self, items: torch.Tensor, labels: torch.Tensor, times: torch.Tensor,
+                 mask: torch.Tensor, slot_times: torch.Tensor,
+                 slot_mask: torch.Tensor) -> FeatureBatch:
+        """Each slot's history among the support interactions ``(B, S)`` (stored oldest first):
+        those strictly before the slot's time, the latest ``history_length``, oldest first."""
+        h = self.history_length
+        b, n = slot_times.shape
+        # (B, N, S): support interaction s is visible to slot j (strictly earlier, real, and j real).
+        earlier = (times[:, None, :] < slot_times[:, :, None]) & mask[:, None, :] \
+            & slot_mask[:, :, None]
+        rank = earlier.long().cumsum(-1)  # 1-based rank among the visible ones, oldest first
+        count = rank[..., -1:]  # (B, N, 1)
+        start = (count - h).clamp_min(0)  # visible ones ranked <= start are too old
+        keep = earlier & (rank > start)
+        width = max(int((count - start).max()) if count.numel() else 0, 1)
+        # Scatter the kept entries to positions 0..k-1 (oldest first); the rest to a dump column.
+        dest = torch.where(keep, rank - start - 1, torch.full_like(rank, width))
+        source = torch.arange(items.shape[1]).expand(b, n, -1)
+        position = torch.zeros(b, n, width + 1, dtype=torch.long).scatter_(-1, dest, source)
+        position = position[..., :width]
+        valid = torch.arange(width) < (count - start)
+        rows = torch.arange(b)[:, None, None]
+        hist_items = torch.where(valid, items[rows, position], 0)
+        out: FeatureBatch = {
+            "history.item_id": hist_items,
+            "history.label": torch.where(valid, labels[rows, position], 0.0),
+            "history.mask": valid,
+        }
+        for key, values in self.item_features.items():
+            out[f"history.{key}"] = values[hist_items]
+        return out
 
     def _side(self, users: torch.Tensor, items: torch.Tensor, labels: torch.Tensor,
               times: torch.Tensor, mask: torch.Tensor) -> FeatureBatch:

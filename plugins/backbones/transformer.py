@@ -1,0 +1,231 @@
+"""Transformer backbone over user histories (the BST / SASRec family: Chen et al., DLP-KDD 2019,
+"Behavior Sequence Transformer for E-commerce Recommendation in Alibaba"; Kang and McAuley,
+ICDM 2018, "Self-Attentive Sequential Recommendation").
+
+Each slot (a candidate item to score) comes with the user's history as it was before the slot
+(``history.*`` keys, produced by the data module when ``data.history_length`` is set):
+
+- every history entry is a token: item id embedding + item feature embeddings + an embedding of
+  its rating / implicit label + a position embedding by recency (0 = the most recent);
+- a learned *empty* token is always prepended, so a slot with no history at all still attends
+  to something (no all-masked softmax, no NaN) and the encoding is a learned default;
+- ``layers`` pre-norm Transformer blocks (multi-head self-attention and a feed-forward network,
+  written with plain ``nn.Linear``/``nn.LayerNorm`` so they run under ``torch.func.vmap`` and
+  ``functional_call`` with any leading dimensions);
+- target attention: the candidate item attends to the encoded history;
+- ``[candidate, attended history, user features]`` -> MLP ``scorer`` -> linear ``output``.
+
+Fast by default: the scorer MLP and the output layer (small); every embedding and the attention
+layers are slow. Since the scorer's input depends only on slow parameters, the backbone declares
+an encoder (``encoder_parameters``): the inner loop encodes each task once. ``lora_rank`` puts
+LoRA adapters on the linear layers named by ``lora_targets`` and makes them the fast parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metarec import ENCODED, Backbone, DataSchema
+from metarec_plugins.backbones.lora import add_lora
+from metarec_plugins.backbones.twotower import FeatureEmbeddings, mlp
+
+HISTORY_KEYS = ("history.item_id", "history.label", "history.mask")
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+               heads: int, dropout: float, training: bool) -> torch.Tensor:
+    """Multi-head attention of ``q`` (M, Tq, D) over ``k``, ``v`` (M, Tk, D); ``mask`` (M, Tk)
+    is True for the keys that may be attended (at least one per row)."""
+    m, tq, d = q.shape
+    tk = k.shape[1]
+    split = lambda x, t: x.reshape(m, t, heads, d // heads).transpose(1, 2)  # noqa: E731
+    q, k, v = split(q, tq), split(k, tk), split(v, tk)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(d // heads)  # (M, heads, Tq, Tk)
+    logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    weights = F.dropout(logits.softmax(-1), dropout, training)
+    return (weights @ v).transpose(1, 2).reshape(m, tq, d)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.out(_attention(q, k, v, mask, self.heads, self.dropout, self.training))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer encoder block: ``x + attn(ln(x))``, then ``x + ffn(ln(x))``."""
+
+    def __init__(self, dim: int, heads: int, dropout: float, ffn: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn_in = nn.Linear(dim, ffn)
+        self.ffn_out = nn.Linear(ffn, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + F.dropout(self.attn(self.norm1(x), mask), self.dropout, self.training)
+        h = self.ffn_out(F.dropout(F.gelu(self.ffn_in(self.norm2(x))), self.dropout,
+                                   self.training))
+        return x + F.dropout(h, self.dropout, self.training)
+
+
+class TargetAttention(nn.Module):
+    """The candidate item (query) attends to the encoded history tokens (keys, values)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, target: torch.Tensor, tokens: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        k, v = self.kv(tokens).chunk(2, dim=-1)
+        h = _attention(self.q(target)[:, None, :], k, v, mask, self.heads, self.dropout,
+                       self.training)
+        return self.out(h[:, 0])
+
+
+class Transformer(Backbone):
+    """Sequential recommender: self-attention over the slot's history + target attention.
+
+    Needs ``history.*`` keys in every batch: set ``data.history_length`` (the backbone reads
+    whatever history width it is given).
+
+    Args:
+        schema: the data schema (provided by the framework).
+        dim: model width (every embedding, every token).
+        layers: self-attention blocks over the history.
+        heads: attention heads (must divide ``dim``).
+        ffn: hidden width of each block's feed-forward network (default ``4 * dim``).
+        dropout: dropout in attention and blocks.
+        scorer_hidden: hidden widths of the scorer MLP (fast by default).
+        max_positions: size of the recency position table; older entries share the last row.
+        use_item_features: add item feature embeddings to item ids (candidate and history).
+        use_user_features: feed the user's feature embeddings to the scorer.
+        lora_rank: when set, LoRA adapters of this rank on the ``lora_targets`` linear layers
+            become the fast parameters (all base weights slow).
+        lora_alpha: adapter scale numerator (default: the rank).
+        lora_targets: ``fnmatch`` patterns of the linear layers to adapt.
+    """
+
+    needs_history = True
+
+    def __init__(self, schema: DataSchema, dim: int = 32, layers: int = 1, heads: int = 2,
+                 ffn: int | None = None, dropout: float = 0.0,
+                 scorer_hidden: Sequence[int] = (64,), max_positions: int = 128,
+                 use_item_features: bool = True, use_user_features: bool = True,
+                 lora_rank: int | None = None, lora_alpha: float | None = None,
+                 lora_targets: Sequence[str] = ("scorer.*", "output")) -> None:
+        super().__init__(schema)
+        if dim < 1 or layers < 0 or heads < 1 or dim % heads:
+            raise ValueError(f"need dim >= 1, layers >= 0 and heads dividing dim; got dim={dim}, "
+                             f"layers={layers}, heads={heads}")
+        if not 0.0 <= dropout < 1.0 or max_positions < 1 or min([*scorer_hidden, 1]) < 1:
+            raise ValueError("need 0 <= dropout < 1, max_positions >= 1, scorer widths >= 1")
+        self.dim, self.max_positions = dim, max_positions
+        self.item_embedding = nn.Embedding(schema.num_items, dim)
+        self.item_features = FeatureEmbeddings(schema.of("item") if use_item_features else [],
+                                               dim)
+        self.user_features = FeatureEmbeddings(schema.of("user") if use_user_features else [],
+                                               dim)
+        explicit = schema.feedback == "explicit" and schema.rating_range is not None
+        lo, hi = schema.rating_range if explicit else (0.0, 1.0)
+        self.label_center, self.label_scale = (lo + hi) / 2, max((hi - lo) / 2, 1e-6)
+        self.label_embedding = nn.Linear(1, dim)
+        self.position = nn.Embedding(max_positions, dim)
+        self.empty = nn.Parameter(torch.randn(dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, dropout, ffn or 4 * dim)
+                                    for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.target = TargetAttention(dim, heads, dropout)
+        width = dim * (2 + int(bool(self.user_features.specs)))
+        self.scorer, width = mlp(width, scorer_hidden)
+        self.output = nn.Linear(width, 1)
+        nn.init.normal_(self.item_embedding.weight, std=0.1)
+        nn.init.constant_(self.output.bias, (lo + hi) / 2 if explicit else 0.0)
+        self._fast = (add_lora(self, list(lora_targets), lora_rank, lora_alpha)
+                      if lora_rank is not None
+                      else ["scorer.*", "output.*"] if scorer_hidden else ["output.*"])
+
+    # -- pieces ---------------------------------------------------------------------------
+    def items(self, features: Mapping[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+        """Item vectors: id embedding + the item's feature embeddings."""
+        ids = features[f"{prefix}item_id"]
+        out = self.item_embedding(ids)
+        if self.item_features.specs:
+            feats = {s.key: features[f"{prefix}{s.key}"] for s in self.item_features.specs}
+            for e in self.item_features(feats):
+                out = out + e
+        return out
+
+    def encode(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The scorer's input ``(*lead, width)``: candidate, attended history, user features."""
+        missing = [k for k in HISTORY_KEYS if k not in features]
+        if missing:
+            raise ValueError(
+                f"the transformer backbone scores a slot from the user's history, but the batch "
+                f"has no {missing}: set data.history_length (e.g. `--data.history_length 20` or "
+                f"`data: {{history_length: 20}}` in the recipe)")
+        lead = features["item_id"].shape
+        hist_mask = features["history.mask"]
+        h = hist_mask.shape[-1]
+        flat = lambda x: x.reshape(-1, *x.shape[len(lead):])  # noqa: E731
+        candidate = flat(self.items(features))  # (M, D)
+        hist = {k[len("history."):]: flat(v) for k, v in features.items()
+                if k.startswith("history.")}
+        mask = hist["mask"]  # (M, H)
+        tokens = self.items(hist)  # (M, H, D)
+        label = ((hist["label"].to(tokens.dtype) - self.label_center) / self.label_scale)
+        tokens = tokens + self.label_embedding(label[..., None])
+        # Recency: 0 for the most recent real entry (entries are oldest first, padding last).
+        count = mask.sum(-1, keepdim=True)
+        recency = (count - 1 - torch.arange(h, device=mask.device)).clamp(0, self.max_positions - 1)
+        tokens = tokens + self.position(recency)
+        m = tokens.shape[0]
+        tokens = torch.cat([self.empty.expand(m, 1, -1), tokens], dim=1)
+        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        for block in self.blocks:
+            tokens = block(tokens, mask)
+        tokens = self.norm(tokens)
+        parts = [candidate, self.target(candidate, tokens, mask)]
+        if self.user_features.specs:
+            users = sum(self.user_features({s.key: flat(features[s.key])
+                                            for s in self.user_features.specs}))
+            parts.append(users)
+        return torch.cat(parts, dim=-1).reshape(*lead, -1)
+
+    # -- Backbone -------------------------------------------------------------------------
+    def forward(self, features: Mapping[str, torch.Tensor],
+                encode_only: bool = False) -> torch.Tensor:
+        x = features[ENCODED] if ENCODED in features else self.encode(features)
+        if encode_only:
+            return x
+        return self.output(self.scorer(x)).squeeze(-1)
+
+    def default_fast_parameters(self) -> list[str]:
+        return list(self._fast)
+
+    def head_parameters(self) -> list[str]:
+        if type(self.output) is nn.Linear:
+            return ["output.*"]
+        return ["output.lora_A", "output.lora_B"]
+
+    def encoder_parameters(self) -> list[str]:
+        """Everything but the scorer and the output layer (what ``encode`` uses)."""
+        return [f"{name}.*" for name, _ in self.named_children()
+                if name not in ("scorer", "output")] + ["empty"]
