@@ -250,6 +250,24 @@ class Adapter:
 
     def _run(self, support: FeatureBatch) -> Params:
         """The policy's final iterate for a padded support batch (leading dim = users)."""
+        try:
+            return self._run_policy(support)
+        except KeyError as err:
+            raise self._missing_input(err, support) from err
+
+    def _missing_input(self, err: KeyError, batch: FeatureBatch) -> Exception:
+        """A clear error when the backbone reads an input the adapter does not build."""
+        key = err.args[0] if err.args else None
+        if not isinstance(key, str) or key in batch:
+            return err
+        if key == "user_id":
+            return ValueError("this backbone embeds user ids: adapt the user with a contiguous "
+                              "user id (user=...)")
+        return ValueError(f"the {self.model.hparams.get('backbone')!r} backbone reads the input "
+                          f"{key!r}, which metarec.Adapter does not build (it builds user_id, "
+                          f"item_id, user.* and item.* features)")
+
+    def _run_policy(self, support: FeatureBatch) -> Params:
         if not self.compile:
             return self.policy.adapt(self.functional, self.start, self.slow, support)[-1]
         users, width = support["mask"].shape
@@ -491,10 +509,7 @@ class UserSession:
             try:
                 return adapter.functional.predict(self._fast, adapter.slow, batch)
             except KeyError as err:
-                if "user_id" in str(err) and self.user is None:
-                    raise ValueError("this backbone embeds user ids: adapt the user with a "
-                                     "contiguous user id (user=...)") from err
-                raise
+                raise adapter._missing_input(err, batch) from err
 
     def recommend(self, k: int = 10, candidates: torch.Tensor | Sequence[int] | None = None,
                   exclude_seen: bool = True) -> Recommendations:

@@ -310,3 +310,29 @@ def test_metarec_adapt_bad_arguments(fitted, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["adapt", "--interactions", str(csv), *args])
         assert message in capsys.readouterr().err
+
+
+def test_inputs_the_adapter_does_not_build_are_named():
+    from conftest import synthetic_setup
+    from metarec_plugins.backbones.melu import MeLU
+
+    class WithHistory(MeLU):
+        def forward(self, features, encode_only=False):
+            if encode_only:
+                return super().forward(features, encode_only=True)
+            return super().forward(features) + features["history.item_id"].sum(-1)
+
+    table, _ = synthetic_setup()
+    tables = {owner: {f.spec.key: torch.from_numpy(f.values) for f in feats}
+              for owner, feats in (("user", table.user_features), ("item", table.item_features))}
+    ids = MetaLearner(backbone="melu", backbone_args={"embedding_dim": 4, "hidden": [8],
+                                                      "use_ids": True}, schema=table.schema)
+    adapter = Adapter(ids, item_features=tables["item"], user_features=tables["user"])
+    assert len(adapter.adapt([(1, 4.0)], user=5).recommend(3).items) == 3
+    with pytest.raises(ValueError, match="embeds user ids"):
+        adapter.adapt([(1, 4.0)], user_features={"segment": 1, "region": 2})
+    history = MetaLearner(backbone=WithHistory, backbone_args={"embedding_dim": 4, "hidden": [8]},
+                          schema=table.schema)
+    adapter = Adapter(history, item_features=tables["item"], user_features=tables["user"])
+    with pytest.raises(ValueError, match="reads the input 'history.item_id'"):
+        adapter.adapt([(1, 4.0)], user=5)

@@ -115,6 +115,7 @@ class Online(AdaptationPolicy):
         chunks = -(-width // per)
 
         def one_task(task: FeatureBatch) -> list[Params]:
+            task = model.prepare(slow, task)  # slow-only encoding, once per task (if any)
             theta, iterates = fast, [fast]
             count = task["mask"].sum()  # this task's events: slots 0..count-1 (oldest first)
             for u in range(chunks):
@@ -168,9 +169,14 @@ class Online(AdaptationPolicy):
         optimizer, objective = self._parts(model, start, slow)
         keep = events["mask"]
         events = {k: v[keep] for k, v in events.items()}
-        n, per = int(events["mask"].shape[0]), self.events_per_update
+        n, per, size = int(events["mask"].shape[0]), self.events_per_update, self.buffer_size
+        # The buffer followed by the new events, encoded once (slow-only encoding, if any);
+        # the buffer after chunk u is the latest `size` rows up to that chunk's end.
+        rows = {k: torch.cat([buffer[k], events[k]]) for k in events}
+        rows = model.prepare(slow, rows)
+        before = int(buffer["mask"].shape[0])
         for lo in range(0, n, per):
-            chunk = {k: v[lo:lo + per] for k, v in events.items()}
-            buffer = {k: torch.cat([buffer[k], chunk[k]])[-self.buffer_size:] for k in chunk}
-            fast = self.step(fast, start, buffer, optimizer, objective)
-        return fast, buffer
+            end = before + min(lo + per, n)
+            fast = self.step(fast, start, {k: v[max(0, end - size):end] for k, v in rows.items()},
+                             optimizer, objective)
+        return fast, {k: v[-size:] for k, v in rows.items() if k in events}
