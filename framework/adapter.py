@@ -31,13 +31,14 @@ import importlib
 import inspect
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
 from metarec.checkpoint import load_checkpoint
-from metarec.data.episodes import FeatureBatch
+from metarec.data.episodes import EpisodeCollator, FeatureBatch
 from metarec.functional import Params
 
 if TYPE_CHECKING:  # the module (and Lightning) is imported when a checkpoint is loaded
@@ -80,13 +81,17 @@ class Adapter:
         group_size: users per vmapped policy call when many are adapted at once: they are
             sorted by number of events and adapted in groups of this many, so that padding
             every user to the group's longest support wastes little (None: one call for all).
+        history_length: give every slot the user's history, as ``data.history_length`` does in
+            training (``history.*`` inputs, for sequential backbones such as ``transformer``):
+            a support event sees the user's latest ``history_length`` events strictly before
+            it; a scored candidate sees the latest ``history_length`` events of all.
     """
 
     def __init__(self, model: MetaLearner, *, item_features: Mapping[str, Any] | None = None,
                  user_features: Mapping[str, Any] | None = None,
                  user_keys: Sequence[Hashable] | None = None,
                  item_keys: Sequence[Hashable] | None = None, compile: bool = False,
-                 group_size: int | None = 128) -> None:
+                 group_size: int | None = 128, history_length: int | None = None) -> None:
         self.model = model.eval()
         self.functional = model.functional
         self.policy = model.policy
@@ -114,6 +119,15 @@ class Adapter:
         if group_size is not None and group_size < 1:
             raise ValueError(f"group_size must be >= 1 or None, got {group_size}")
         self.group_size = group_size
+        if history_length is not None and (isinstance(history_length, bool)
+                                           or not isinstance(history_length, int)
+                                           or history_length < 1):
+            raise ValueError(f"history_length must be an int >= 1 or None, got {history_length!r}")
+        if history_length is None and getattr(model.backbone, "needs_history", False):
+            raise ValueError(f"the {model.hparams.get('backbone')!r} backbone scores from the "
+                             "user's history: pass history_length= (checkpoints of metarec fit "
+                             "with data.history_length set carry it)")
+        self.history_length = history_length
         self._compiled: Any = None
         all_items = torch.arange(self.num_items, device=self.device)
         self._all_items = {"item_id": all_items,
@@ -124,7 +138,8 @@ class Adapter:
                         policy_args: dict[str, Any] | None = None, device: str | torch.device = "cpu",
                         *, item_features: Mapping[str, Any] | None = None,
                         user_features: Mapping[str, Any] | None = None,
-                        compile: bool = False, group_size: int | None = 128) -> Adapter:
+                        compile: bool = False, group_size: int | None = 128,
+                        history_length: int | None = None) -> Adapter:
         """An adapter from a checkpoint made by ``metarec fit``.
 
         ``policy`` (an alias or class path) and ``policy_args`` replace the checkpoint's
@@ -157,7 +172,9 @@ class Adapter:
                    item_features=data.get("item_features") if item_features is None else item_features,
                    user_features=data.get("user_features") if user_features is None else user_features,
                    user_keys=data.get("user_keys"), item_keys=data.get("item_keys"),
-                   compile=compile, group_size=group_size)
+                   compile=compile, group_size=group_size,
+                   history_length=history_length if history_length is not None
+                   else data.get("history_length"))
 
     # -- ids ------------------------------------------------------------------------------
     def encode_user(self, raw: Hashable) -> int:
@@ -240,12 +257,19 @@ class Adapter:
                 adapted = self._run(support)
                 for j, i in enumerate(group):
                     (uid, values), items = rows[i], parsed[i][0]
+                    n = len(items)
                     fast = {k: v[j].clone() for k, v in adapted.items()}
                     state = None
                     if self.online:
-                        state = self.policy.init_state(
-                            {k: v[j, :len(items)] for k, v in support.items()})
-                    sessions[i] = UserSession(self, uid, values, fast, state, torch.unique(items))
+                        state = self.policy.init_state({k: v[j, :n] for k, v in support.items()})
+                    times = support["time"][j, :n]
+                    recent = None
+                    if self.history_length is not None:  # the latest events, oldest first
+                        keep = slice(max(0, n - self.history_length), n)
+                        recent = (items[keep], support["label"][j, keep], times[keep])
+                    clock = int(times.max()) if n else -1
+                    sessions[i] = UserSession(self, uid, values, fast, state,
+                                              torch.unique(items), recent, clock)
         return sessions  # type: ignore[return-value]
 
     def _run(self, support: FeatureBatch) -> Params:
@@ -422,11 +446,34 @@ class Adapter:
         for key, table in self.item_features.items():
             out[key] = table[items]
         out.update(label=labels, mask=mask, time=times)
+        if self.history_length is not None:
+            out.update(self._history(items, labels, times, mask, times, mask))
+        return out
+
+    def _history(self, items: torch.Tensor, labels: torch.Tensor, times: torch.Tensor,
+                 mask: torch.Tensor, slot_times: torch.Tensor,
+                 slot_mask: torch.Tensor) -> FeatureBatch:
+        """Each slot's history among the events ``(B, P)`` (stored oldest first): the latest
+        ``history_length`` strictly before the slot's time, exactly as ``EpisodeCollator``
+        computes it in training and evaluation, padded to ``history_length`` (mask False)."""
+        h = self.history_length
+        tables = SimpleNamespace(history_length=h, item_features=self.item_features)
+        out = EpisodeCollator._history(tables, items, labels, times, mask, slot_times, slot_mask)
+        return {k: self._pad_history(v, h) for k, v in out.items()}
+
+    @staticmethod
+    def _pad_history(value: torch.Tensor, width: int) -> torch.Tensor:
+        if value.shape[2] == width:
+            return value
+        out = value.new_zeros((*value.shape[:2], width, *value.shape[3:]))
+        out[:, :, :value.shape[2]] = value[:, :, :width]
         return out
 
     def _rows(self, user: int | None, values: dict[str, torch.Tensor], items: torch.Tensor,
-              labels: torch.Tensor | None = None, times: torch.Tensor | None = None) -> FeatureBatch:
-        """One user's feature batch over ``items`` (unbatched rows)."""
+              labels: torch.Tensor | None = None, times: torch.Tensor | None = None,
+              history: FeatureBatch | None = None) -> FeatureBatch:
+        """One user's feature batch over ``items`` (unbatched rows); ``history``: the rows'
+        ``history.*`` inputs, ``(n, H, ...)``."""
         n = items.shape[0]
         out: FeatureBatch = {}
         if user is not None:
@@ -443,6 +490,7 @@ class Adapter:
             out["label"] = labels
             out["mask"] = torch.ones(n, dtype=torch.bool, device=self.device)
             out["time"] = torch.arange(n, device=self.device) if times is None else times
+        out.update(history or {})
         return out
 
     def _tables(self, owner: str, given: Mapping[str, Any] | None, count: int,
@@ -476,13 +524,30 @@ class UserSession:
     """
 
     def __init__(self, adapter: Adapter, user: int | None, user_values: dict[str, torch.Tensor],
-                 fast: Params, state: Any, seen: torch.Tensor) -> None:
+                 fast: Params, state: Any, seen: torch.Tensor,
+                 recent: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 clock: int = -1) -> None:
         self.adapter = adapter
         self.user = user
         self._values = user_values
         self._fast = fast
         self._state = state
         self._seen = seen
+        # With histories: the user's latest `history_length` events (items, labels, times),
+        # oldest first. `clock`: the latest event time (events without timestamps follow it).
+        self._recent = recent
+        self._clock = clock
+
+    def _candidate_history(self, n: int) -> FeatureBatch | None:
+        """The ``history.*`` inputs of ``n`` candidates scored now: the latest events."""
+        adapter = self.adapter
+        if adapter.history_length is None or self._recent is None:
+            return None
+        items, labels, times = (x[None] for x in self._recent)
+        mask = torch.ones_like(items, dtype=torch.bool)
+        now = torch.full((1, 1), torch.iinfo(torch.long).max, device=adapter.device)
+        history = adapter._history(items, labels, times, mask, now, torch.ones_like(now, dtype=torch.bool))
+        return {k: v[0, 0].expand(n, *v.shape[2:]) for k, v in history.items()}
 
     @property
     def fast(self) -> Params:
@@ -504,7 +569,8 @@ class UserSession:
         adapter = self.adapter
         every = adapter._all_items["item_id"]
         items = every if items is None or items is every else adapter._items(items)
-        batch = adapter._rows(self.user, self._values, items)
+        batch = adapter._rows(self.user, self._values, items,
+                              history=self._candidate_history(len(items)))
         with torch.no_grad():
             try:
                 return adapter.functional.predict(self._fast, adapter.slow, batch)
@@ -546,7 +612,22 @@ class UserSession:
         items, labels, times = adapter._events(feedback_events, "feedback events")
         if len(items) == 0:
             return self
-        events = adapter._rows(self.user, self._values, items, labels, times)
+        if times is None:  # after every event so far, in the given order
+            times = self._clock + 1 + torch.arange(len(items), device=adapter.device)
+        history = None
+        if adapter.history_length is not None and self._recent is not None:
+            # Each new event's history: the latest earlier events among the recent ones and
+            # the new ones (all oldest first, as in a support set).
+            past = [torch.cat([old, new]) for old, new in zip(self._recent, (items, labels, times))]
+            order = torch.sort(past[2], stable=True).indices
+            past = [x[order] for x in past]
+            ones = torch.ones(1, len(past[0]), dtype=torch.bool, device=adapter.device)
+            history = adapter._history(past[0][None], past[1][None], past[2][None], ones,
+                                       times[None], torch.ones_like(times[None], dtype=torch.bool))
+            history = {k: v[0] for k, v in history.items()}
+            keep = slice(max(0, len(past[0]) - adapter.history_length), None)
+            recent = (past[0][keep], past[1][keep], past[2][keep])
+        events = adapter._rows(self.user, self._values, items, labels, times, history)
         policy, model = adapter.policy, adapter.functional
         with torch.no_grad():
             if adapter.online:
@@ -557,6 +638,9 @@ class UserSession:
                 adapted = policy.adapt(model, self._fast, adapter.slow, batch)[-1]
                 self._fast = {k: v[0] for k, v in adapted.items()}
         self._seen = torch.unique(torch.cat([self._seen, items]))
+        self._clock = max(self._clock, int(times.max()))
+        if history is not None:
+            self._recent = recent
         return self
 
     def __repr__(self) -> str:

@@ -169,8 +169,10 @@ class MetaLearner(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store what deployment needs beside the weights (``checkpoint["metarec_data"]``): the
         user and item feature tables and the raw id keys of the datamodule's interaction table,
-        so that :class:`metarec.Adapter` needs nothing but the checkpoint."""
-        table = getattr(getattr(self._trainer, "datamodule", None), "table", None)
+        and its ``history_length``, so that :class:`metarec.Adapter` needs nothing but the
+        checkpoint."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        table = getattr(datamodule, "table", None)
         if table is None:
             return
         keys = lambda k: None if k is None else k.tolist()  # noqa: E731 - plain lists pickle anywhere

@@ -336,3 +336,99 @@ def test_inputs_the_adapter_does_not_build_are_named():
     adapter = Adapter(history, item_features=tables["item"], user_features=tables["user"])
     with pytest.raises(ValueError, match="reads the input 'history.item_id'"):
         adapter.adapt([(1, 4.0)], user=5)
+
+
+# -- sequential backbones: histories ------------------------------------------------------------
+H = 6
+
+
+@pytest.fixture(scope="module")
+def fitted_transformer(tmp_path_factory):
+    """A transformer checkpoint (histories of H events); queries are each user's latest
+    interactions, so a query item's history is the user's latest support events."""
+    cwd, tmp = os.getcwd(), tmp_path_factory.mktemp("fit_transformer")
+    os.chdir(tmp)
+    try:
+        cli = MetarecCLI(args=["fit", "--config", QUICKSTART, *QUIET, "--trainer.max_steps", "3",
+                               "--trainer.limit_val_batches", "0",
+                               "--model.backbone", "transformer",
+                               "--model.backbone_args", "{dim: 8, heads: 2}",
+                               "--data.history_length", str(H),
+                               "--data.tasks.query_strategy", "latest"])
+    finally:
+        os.chdir(cwd)
+    (ckpt,) = (tmp / "runs" / "checkpoints").glob("*.ckpt")
+    return ckpt, cli
+
+
+@pytest.mark.parametrize("policy,policy_args,group_size", [
+    (None, None, None),
+    ("online", {"events_per_update": 2, "buffer_size": 5}, 16),
+])
+def test_transformer_predictions_equal_the_evaluation_path(fitted_transformer, policy,
+                                                           policy_args, group_size):
+    ckpt, cli = fitted_transformer
+    assert load_checkpoint(ckpt)["metarec_data"]["history_length"] == H
+    hp = {k: v for k, v in load_checkpoint(ckpt)["hyper_parameters"].items()
+          if not k.startswith("_")}
+    if policy is not None:
+        hp.update(policy=policy, policy_args=policy_args)
+    model = instantiate_module(MetaLearner, hp)
+    model.load_state_dict(load_checkpoint(ckpt)["state_dict"])
+    model.eval()
+    tasks = cli.datamodule.splits.test
+    batch = EpisodeCollator(tasks, cli.datamodule.table, H)(list(range(len(tasks))))
+    assert "history.item_id" in batch.support
+    slow = {k: v.detach() for k, v in model.functional.split()[1].items()}
+    with torch.no_grad():
+        fast = model.adapt(batch)
+        expected = model.functional.predict_tasks(fast[-1], slow, batch.query)
+        start = model.functional.predict_tasks(fast[0], slow, batch.query)
+    adapter = Adapter.from_checkpoint(ckpt, policy=policy, policy_args=policy_args,
+                                      group_size=group_size)
+    assert adapter.history_length == H
+    streams, _ = _test_streams(cli)
+    together = adapter.adapt(streams)
+    mask = batch.query["mask"]
+    for t, user in enumerate(tasks.users.tolist()):
+        items = batch.query["item_id"][t][mask[t]]
+        torch.testing.assert_close(together[user].scores(items), expected[t][mask[t]],
+                                   rtol=0, atol=2e-5)
+    assert float((expected - start)[mask].abs().max()) > 1e-2
+
+
+def test_transformer_updates_see_the_history_like_a_replay(fitted_transformer):
+    """online: adapting on the first events and then `update` with the rest, one event at a
+    time (each new event's history built from the session's latest events), ends where
+    replaying the whole stream ends, and scores from the full history."""
+    ckpt, cli = fitted_transformer
+    adapter = Adapter.from_checkpoint(ckpt, policy="online",
+                                      policy_args={"buffer_size": 4, "max_steps": 50})
+    streams, _ = _test_streams(cli, n=3)
+    for user, events in streams.items():
+        whole = adapter.adapt(events, user=user)
+        session = adapter.adapt(events[:5], user=user)
+        for event in events[5:]:
+            session.update([event])
+        for k, v in whole.fast.items():
+            torch.testing.assert_close(session.fast[k], v, rtol=0, atol=1e-5)
+        torch.testing.assert_close(session.scores(), whole.scores(), rtol=0, atol=1e-5)
+        assert all(v.shape[0] == 4 and (not k.startswith("history.") or v.shape[1] == H)
+                   for k, v in session.state.items())
+    # Without timestamps, new events follow everything seen; the history moves on.
+    frozen = Adapter.from_checkpoint(ckpt, policy="frozen")
+    session = frozen.adapt(events, user=user)
+    before = session.scores()
+    session.update([(1, 5.0), (2, 1.0)])
+    assert not torch.equal(session.scores(), before)  # same parameters, newer history
+    assert session._recent[0].tolist()[-2:] == [1, 2] and len(session._recent[0]) == H
+
+
+def test_a_history_backbone_needs_a_history_length(fitted_transformer, tmp_path):
+    ckpt, _ = fitted_transformer
+    old = torch.load(ckpt, weights_only=False)
+    old["metarec_data"]["history_length"] = None
+    torch.save(old, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="pass history_length="):
+        Adapter.from_checkpoint(tmp_path / "old.ckpt")
+    assert Adapter.from_checkpoint(tmp_path / "old.ckpt", history_length=3).history_length == 3
