@@ -180,6 +180,7 @@ class MetaLearner(pl.LightningModule):
             "user_features": {f.spec.key: torch.from_numpy(f.values) for f in table.user_features},
             "item_features": {f.spec.key: torch.from_numpy(f.values) for f in table.item_features},
             "user_keys": keys(table.user_keys), "item_keys": keys(table.item_keys),
+            "history_length": getattr(datamodule, "history_length", None),
         }
 
     def predict_step(self, batch: EpisodeBatch, batch_idx: int) -> dict[str, torch.Tensor]:
