@@ -129,7 +129,11 @@ class AdaptationMetrics(nn.Module):
     @torch.no_grad()
     def update(self, step: int, scores: torch.Tensor, query: FeatureBatch, task_ids: torch.Tensor,
                losses: torch.Tensor, base_losses: torch.Tensor) -> None:
-        """Add one batch of tasks at adaptation ``step``: scores ``(B, Q)``, losses ``(B,)``."""
+        """Add one batch of tasks at adaptation ``step``: scores ``(B, Q)``, losses ``(B,)``.
+
+        A task with no query entry (an empty slot padding a DDP rank's share) counts nowhere.
+        """
+        weights = query["mask"].any(1).to(losses.dtype)
         mask, labels = query["mask"], query["label"]
         rel, gain = relevance(labels, mask, self.config, self.feedback, self.rating_range)
         index = task_ids[:, None].expand_as(mask)[mask]
@@ -142,11 +146,14 @@ class AdaptationMetrics(nn.Module):
         ranks = tie_broken_ranks(scores, users, items, mask)
         order_score = (mask.shape[1] - ranks).to(scores.dtype)[mask]
         metrics = self.per_step[step]
+        empty = not bool(mask.any())
         for name, metric in metrics.items():
+            if empty and name not in ("loss", "adapt_ratio"):
+                continue  # torchmetrics rejects empty updates; nothing to add anyway
             if name == "loss":
-                metric.update(losses)
+                metric.update(losses, weights)
             elif name == "adapt_ratio":
-                metric.update(losses / base_losses.clamp_min(1e-12))
+                metric.update(losses / base_losses.clamp_min(1e-12), weights)
             elif name in ("mae", "rmse"):
                 metric.update(preds, target)
             elif name.startswith("ndcg@"):

@@ -136,10 +136,11 @@ class MetaLearner(pl.LightningModule):
         slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
         base = None
         iterates = self.adapt(batch)
-        # Per-task facts about this adaptation (e.g. early-stop's steps used), averaged over tasks.
+        # Per-task facts about this adaptation (e.g. early-stop's steps used), averaged over
+        # tasks. Not synchronised per step: under DDP, ranks may run different numbers of
+        # evaluation batches (tasks are never repeated), so this is rank 0's average.
         for name, values in self.policy.diagnostics().items():
-            self.log(f"{prefix}/{name}", values.float().mean(), batch_size=len(batch),
-                     sync_dist=True)
+            self.log(f"{prefix}/{name}", values.float().mean(), batch_size=len(batch))
         for step, fast in enumerate(iterates):
             scores = self.functional.predict_tasks(fast, slow, batch.query)
             losses = self.functional.loss_tasks(fast, slow, batch.query)
