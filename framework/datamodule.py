@@ -96,14 +96,16 @@ class EpisodeDataModule(pl.LightningDataModule):
         sampler = None
         if split == "train" and torch.distributed.is_available() \
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            # Shard tasks across ranks ourselves so `shuffle: false` really means a fixed order
+            # Shard training tasks ourselves so that `shuffle: false` really is a fixed order
             # (Lightning's injected sampler would shuffle); rank r gets tasks r, r + W, ...
+            # Evaluation keeps Lightning's DistributedSampler (see docs/scaling.md on its padding).
             sampler = DistributedSampler(indices, shuffle=shuffle, seed=self.seed)
             shuffle = False
+        collate = EpisodeCollator(tasks, self.table, self.history_length)
         return DataLoader(indices, sampler=sampler,
                           batch_size=self.batch_size if split == "train" else self.eval_batch_size,
                           shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=EpisodeCollator(tasks, self.table, self.history_length),
+                          collate_fn=collate,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

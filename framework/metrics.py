@@ -79,7 +79,10 @@ def relevance(labels: torch.Tensor, mask: torch.Tensor, config: MetricsConfig, f
         return rel, rel.to(labels.dtype)
     threshold = config.relevance_threshold
     if threshold is None:
-        threshold = rating_range[1] - 1.0 if rating_range else 0.5
+        if rating_range is None:
+            raise ValueError("set metrics.relevance_threshold: the data declares no rating_range, "
+                             "so which ratings are relevant is unknown")
+        threshold = rating_range[1] - 1.0
     rel = (labels >= threshold) & mask
     if config.relevance == "graded":
         return rel, torch.where(mask, 2.0 ** labels - 1.0, torch.zeros_like(labels))
@@ -91,7 +94,7 @@ def tie_broken_ranks(scores: torch.Tensor, users: torch.Tensor, items: torch.Ten
     """Rank of each slot within its task (0 = best): by score, ties by a hash of (user, item)."""
     key = (users.long() * 1_000_003 + items.long()) * 2_654_435_761 % 2_147_483_647
     scores = scores.masked_fill(~mask, float("-inf"))
-    by_key = torch.argsort(key, dim=1)
+    by_key = torch.argsort(key, dim=1, stable=True)
     by_score = torch.argsort(scores.gather(1, by_key), dim=1, descending=True, stable=True)
     order = by_key.gather(1, by_score)
     ranks = torch.empty_like(order)

@@ -7,10 +7,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from torch.func import vmap
 
 from metarec import registry
 from metarec.data.episodes import EpisodeBatch
-from metarec.functional import FunctionalModel, select_parameters
+from metarec.functional import FunctionalModel, masked_loss, select_parameters
 from metarec.metrics import AdaptationMetrics, MetricsConfig
 from metarec.schema import DataSchema
 
@@ -143,7 +144,8 @@ class MetaLearner(pl.LightningModule):
             self.log(f"{prefix}/{name}", values.float().mean(), batch_size=len(batch))
         for step, fast in enumerate(iterates):
             scores = self.functional.predict_tasks(fast, slow, batch.query)
-            losses = self.functional.loss_tasks(fast, slow, batch.query)
+            losses = vmap(masked_loss, in_dims=(0, 0, 0, None))(
+                scores, batch.query["label"], batch.query["mask"], self.functional.feedback)
             base = losses if base is None else base
             metrics.update(step, scores, batch.query, batch.users, losses, base)
 

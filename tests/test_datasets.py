@@ -664,3 +664,23 @@ def test_interactions_missing_file(tmp_path):
     with pytest.raises(DataError, match="file not found") as info:
         InteractionsDataset(str(tmp_path / "absent.csv")).load()
     assert str(tmp_path / "absent.csv") in str(info.value)
+
+
+def test_interactions_repeated_pairs_error_keep_last_and_mean(tmp_path):
+    from metarec import DataError
+    from metarec_plugins.datasets.interactions import InteractionsDataset
+
+    path = tmp_path / "log.csv"
+    path.write_text("user,item,rating,timestamp\na,x,1,10\na,y,4,11\na,x,5,12\nb,x,2,13\n")
+    with pytest.raises(DataError) as err:
+        InteractionsDataset(str(path)).load()
+    assert "log.csv:4" in str(err.value) and "already at line 2" in str(err.value)
+    last = InteractionsDataset(str(path), duplicates="keep_last").load()
+    assert len(last) == 3
+    got = {(last.user_keys[u], last.item_keys[i]): float(r)
+           for u, i, r in zip(last.users, last.items, last.labels)}
+    assert got == {("a", "x"): 5.0, ("a", "y"): 4.0, ("b", "x"): 2.0}
+    mean = InteractionsDataset(str(path), duplicates="mean").load()
+    got = {(mean.user_keys[u], mean.item_keys[i]): float(r)
+           for u, i, r in zip(mean.users, mean.items, mean.labels)}
+    assert got == {("a", "x"): 3.0, ("a", "y"): 4.0, ("b", "x"): 2.0}

@@ -43,18 +43,20 @@ def test_ranking_metrics_by_hand():
 
 
 def test_ties_are_broken_the_same_way_for_every_metric_and_not_by_position():
-    """Identical scores everywhere: the order comes from the (user, item) key, so P@5 = R@5
-    under the RecBole rule, and positives (first positions) are not systematically favoured."""
+    """Identical scores everywhere: the order comes from the (user, item) key, the same for
+    every metric, and positives (first positions) are not systematically favoured."""
     n = 3000
     labels = torch.randint(1, 6, (n, 10), generator=torch.Generator().manual_seed(1)).float()
     query = {"label": labels, "mask": torch.ones_like(labels, dtype=torch.bool),
              "user_id": torch.arange(n)[:, None].expand(n, 10),
              "item_id": torch.randint(0, 1000, (n, 10), generator=torch.Generator().manual_seed(2))}
-    metrics = AdaptationMetrics(0, "explicit", MetricsConfig(top_k=[5], relevance="recbole"), SCALE)
+    metrics = AdaptationMetrics(0, "explicit", MetricsConfig(top_k=[3], relevance="recbole"), SCALE)
     metrics.update(0, torch.zeros(n, 10), query, torch.arange(n), torch.ones(n), torch.ones(n))
     out = {k.split("/")[-1]: float(v) for k, v in metrics.compute("val").items() if "/step" not in k}
-    assert out["precision@5"] == pytest.approx(out["recall@5"], abs=1e-6)
-    assert out["precision@5"] == pytest.approx(0.5, abs=0.015)
+    # Every task has 5 positives: hits in the top 3 = 3 * P@3 = 5 * R@3 iff both metrics saw
+    # the same order of the tied items.
+    assert 3 * out["precision@3"] == pytest.approx(5 * out["recall@3"], abs=1e-6)
+    assert out["precision@3"] == pytest.approx(0.5, abs=0.015)
 
 
 def test_negative_scores_are_ranked_like_any_others():
@@ -128,3 +130,12 @@ def test_config_validation():
         MetricsConfig(relevance="top5")
     with pytest.raises(ValueError, match="top_k"):
         MetricsConfig(top_k=[0])
+
+
+def test_explicit_ratings_without_a_scale_need_a_threshold():
+    labels = torch.tensor([[3.0, 7.0]])
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    with pytest.raises(ValueError, match="relevance_threshold"):
+        relevance(labels, mask, MetricsConfig(), "explicit", None)
+    rel, _ = relevance(labels, mask, MetricsConfig(relevance_threshold=5.0), "explicit", None)
+    assert rel.tolist() == [[False, True]]

@@ -400,3 +400,22 @@ def test_task_config_accepts_edge_values():
                         split=[1 / 3, 1 / 3, 1 / 3])
     assert config.split == (1 / 3, 1 / 3, 1 / 3)
     assert isinstance(config.split, tuple)
+
+
+def test_repeated_pairs_and_feedback_mismatch_are_rejected():
+    import numpy as np
+
+    from metarec import DataError, InteractionTable, TaskConfig, build_tasks
+
+    users = np.repeat(np.arange(3), 15)
+    items = np.tile(np.arange(15), 3)
+    items[14] = 0  # user 0 rates item 0 twice
+    table = InteractionTable(users=users, items=items, labels=np.full(45, 4.0),
+                             timestamps=np.arange(45), num_users=3, num_items=20)
+    with pytest.raises(DataError, match="more than once"):
+        build_tasks(table, TaskConfig(min_interactions=13, query_size=5))
+    implicit = InteractionTable(users=users, items=np.tile(np.arange(15), 3),
+                                labels=np.ones(45), timestamps=np.arange(45), num_users=3,
+                                num_items=20, feedback="implicit", rating_range=None)
+    with pytest.raises(DataError, match="no ratings"):
+        build_tasks(implicit, TaskConfig(min_interactions=13, query_size=5, feedback="explicit"))

@@ -28,14 +28,18 @@ def read_frame(path: str | Path, *, sep: str = ",", names: Sequence[str] | None 
     if not path.exists():
         raise DataError("file not found", source=str(path))
     if path.suffix in (".parquet", ".pq"):
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as err:  # noqa: BLE001 - corrupt file or missing engine
+            raise DataError(f"cannot read Parquet: {err}", source=str(path)) from None
         frame.attrs["line"] = np.arange(len(frame)) + 1  # row numbers for Parquet
         frame.attrs["source"] = str(path)
         return frame
     try:
         frame = pd.read_csv(path, sep=sep, names=list(names) if names else None,
                             header=0 if header else None, dtype=str, encoding=encoding,
-                            keep_default_na=False, skip_blank_lines=True, engine="c",
+                            keep_default_na=False, skip_blank_lines=True,
+                            engine="c" if len(sep) == 1 else "python",
                             quoting=csv.QUOTE_MINIMAL if sep != "|" else csv.QUOTE_NONE)
     except pd.errors.ParserError as err:
         match = _FIELDS_RE.search(str(err))

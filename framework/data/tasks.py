@@ -112,6 +112,9 @@ def build_tasks(table: InteractionTable, config: TaskConfig, seed: int = 0) -> T
             source=table.source)
 
     feedback = config.feedback or table.feedback
+    if feedback == "explicit" and table.feedback == "implicit":
+        raise DataError("tasks.feedback is explicit but this table has no ratings (implicit "
+                        "feedback: every label is 1); use feedback: implicit", source=table.source)
     labels = table.labels
     if feedback == "implicit" and table.feedback == "explicit":
         threshold = config.positive_threshold
@@ -129,6 +132,14 @@ def build_tasks(table: InteractionTable, config: TaskConfig, seed: int = 0) -> T
     split_of_user[order[n_train + n_val:]] = 2
 
     rows = np.flatnonzero(keep[table.users])
+    pairs = table.users[rows] * table.num_items + table.items[rows]
+    if len(np.unique(pairs)) != len(pairs):
+        _, first, counts = np.unique(pairs, return_index=True, return_counts=True)
+        row = int(rows[first[np.flatnonzero(counts > 1)[0]]])
+        raise DataError(f"user {table.users[row]} interacted with item {table.items[row]} more than "
+                        f"once (row {row}): a repeated pair could fall in both support and query; "
+                        "deduplicate first (the interactions dataset's `duplicates:` option)",
+                        source=table.source)
     users, times = table.users[rows], table.timestamps[rows]
     # Rank each user's interactions: by a random key, or latest first.
     key = rng.random(len(rows)) if config.query_strategy == "random" else -times.astype(np.float64)

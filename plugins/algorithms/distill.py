@@ -107,5 +107,8 @@ class Distill(MAML):
             return task, self.distill_loss(scores, target, query["mask"], model.feedback)
 
         task, distill = vmap(losses, randomness="different")(batch.support, batch.query, teacher)
-        loss = (1 - self.weight) * task.mean() + self.weight * distill.mean()
+        if self.weight == 0.0:  # exactly MAML, even if the teacher's scores are not finite
+            loss = task.mean()
+        else:
+            loss = (1 - self.weight) * task.mean() + self.weight * distill.mean()
         return loss, {"task_loss": task.mean().detach(), "distill_loss": distill.mean().detach()}

@@ -64,7 +64,11 @@ class InteractionsDataset(Dataset):
                  label_col: str | None = "rating", timestamp_col: str | None = "timestamp",
                  sep: str | None = None, rating_range: tuple[float, float] | None = (1.0, 5.0),
                  user_features: dict[str, Any] | None = None,
-                 item_features: dict[str, Any] | None = None) -> None:
+                 item_features: dict[str, Any] | None = None,
+                 duplicates: str = "error") -> None:
+        if duplicates not in ("error", "keep_last", "mean"):
+            raise ValueError(f"duplicates must be 'error', 'keep_last' or 'mean', got {duplicates!r}")
+        self.duplicates = duplicates
         self.path = Path(path)
         self.user_col, self.item_col = user_col, item_col
         self.label_col, self.timestamp_col = label_col, timestamp_col
@@ -99,6 +103,8 @@ class InteractionsDataset(Dataset):
             feedback = "implicit"
         timestamps = (numeric_column(frame, self.timestamp_col) if self.timestamp_col
                       else np.arange(len(frame))).astype(np.int64)
+        users, items, labels, timestamps = self._deduplicate(frame, users, items, labels,
+                                                             timestamps)
         return InteractionTable(
             users=users, items=items, labels=labels, timestamps=timestamps,
             num_users=len(user_keys), num_items=len(item_keys),
@@ -106,6 +112,36 @@ class InteractionsDataset(Dataset):
             item_features=self._features("item", item_keys),
             feedback=feedback, rating_range=self.rating_range if feedback == "explicit" else None,
             user_keys=user_keys, item_keys=item_keys, source=str(self.path))
+
+    def _deduplicate(self, frame, users, items, labels, timestamps):
+        """Apply the ``duplicates`` policy to repeated (user, item) pairs.
+
+        ``error`` names the first repeated row; ``keep_last`` keeps the latest row (by
+        timestamp, then file order); ``mean`` keeps one row with the mean label and the latest
+        timestamp. A repeated pair must never reach task building: it could fall in both a
+        task's support and its query.
+        """
+        pair = users * (int(items.max()) + 1 if len(items) else 1) + items
+        order = np.lexsort((np.arange(len(pair)), timestamps, pair))
+        last = np.r_[pair[order][1:] != pair[order][:-1], True]
+        if last.all():
+            return users, items, labels, timestamps
+        if self.duplicates == "error":
+            first = int(np.flatnonzero(~last)[0])
+            earlier, row = int(order[first]), int(order[first + 1])
+            lines = frame.attrs["line"]
+            raise DataError(f"repeated (user, item) pair: user {frame[self.user_col].iloc[row]!r} "
+                            f"and item {frame[self.item_col].iloc[row]!r} already at line "
+                            f"{int(lines[earlier])}; set duplicates: keep_last or mean",
+                            source=str(self.path), line=int(lines[row]))
+        keep = order[last]
+        if self.duplicates == "mean":
+            group = np.cumsum(np.r_[True, last[:-1]]) - 1  # pair index of each sorted row
+            sums = np.bincount(group, weights=labels[order])
+            labels = labels.astype(np.float64).copy()
+            labels[keep] = sums / np.bincount(group)
+        keep = np.sort(keep)
+        return users[keep], items[keep], labels[keep], timestamps[keep]
 
     def _features(self, owner: str, keys: np.ndarray) -> list[Feature]:
         spec = self.feature_files[owner]
