@@ -7,11 +7,14 @@ What is timed (``time.perf_counter`` around one public call, nothing cached betw
   sorted by time, turned into a padded support batch with the user's and items' features,
   adapted by the policy (``finetune`` with ``steps`` steps of the checkpoint algorithm's inner
   loop, vmapped over a batch of one) and wrapped in a ``UserSession``. p50/p95 over
-  ``repeats`` passes over all test users.
+  ``repeats`` passes over all test users; the configurations (1, 5, 10 steps) take turns on
+  each user, so that they share whatever else runs on the machine. Besides wall time, this
+  process's CPU time per call (``single_cpu_p50_ms``), which other jobs inflate less.
 - ``recommend``: ``session.recommend(10)``, top-10 of every item not seen (p50).
 - ``batched``: ``adapter.adapt({user: events, ...})`` for ``--users`` users at once (every user
-  id of the data up to that number, each given a test user's support set in turn): one
-  vmapped policy call, then one session per user; users per second = users / median time.
+  id of the data up to that number, each given a test user's support set in turn): users sorted
+  by number of events, one vmapped policy call per group of 128, then one session per user;
+  users per second = users / median time (the configurations take turns, as above).
 - ``online update``: ``session.update([event])`` of a session of the ``online`` policy (one
   event, one step on its replay buffer of 20), p50.
 
@@ -20,12 +23,12 @@ Modes: ``eager`` (``Adapter(compile=False)``, the default) and ``compiled``
 shape; the time to compile the shapes used is reported as ``compile_s`` and is not in the
 latencies). Before timing, compiled adaptations are compared with eager ones (max abs diff).
 
-The checkpoint comes from ``--ckpt``, or is made by ``metarec fit`` on ``--recipe`` (default:
-``recipes/movielens-100k/melu-maml.yaml`` when MovieLens-100K is found, else the quick-start
-recipe) for ``--train-steps`` meta-training steps: latency depends on shapes, not on how well
-the weights are trained. Backbones: melu only. A ``transformer`` backbone (in progress at the
-time of writing) reads per-slot user histories (``history.*`` inputs) that the Adapter does not
-build yet; the JSON says whether one is registered.
+Backbones: ``melu`` and ``transformer`` (``--backbones``). Each checkpoint comes from
+``--ckpt`` (one backbone), or is made by ``metarec fit`` for ``--train-steps`` meta-training
+steps on ``recipes/movielens-100k/<backbone>-maml.yaml`` when MovieLens-100K is found (else the
+quick-start recipe with that backbone; ``--recipe`` overrides): latency depends on shapes, not
+on how well the weights are trained. The transformer scores every slot from the user's latest
+``history_length`` (20) events, so its adaptation and scoring include the history inputs.
 
     .venv/bin/python benchmarks/adaptation_latency.py --quick
 """
@@ -51,10 +54,7 @@ from metarec.cli import MetarecCLI
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_JSON = HERE / "results" / "adaptation_latency.json"
-ML100K = REPO / "recipes" / "movielens-100k" / "melu-maml.yaml"
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-TRANSFORMER_NOTE = ("a 'transformer' backbone is registered but not benchmarked: it reads per-slot "
-                    "history inputs (history.*) that metarec.Adapter does not build yet")
 QUIET = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.callbacks", "[]"]
@@ -69,9 +69,9 @@ def ml100k_available() -> bool:
     return find_root(None) is not None
 
 
-def test_streams(recipe: Path) -> dict[int, list[tuple[int, float, int]]]:
+def test_streams(recipe_args: list[str]) -> dict[int, list[tuple[int, float, int]]]:
     """The test split's support sets, ``{user: [(item, label, timestamp)]}`` (oldest first)."""
-    cli = MetarecCLI(args=["--config", str(recipe), *QUIET], run=False)
+    cli = MetarecCLI(args=[*recipe_args, *QUIET], run=False)
     tasks = cli.datamodule.splits.test
     streams = {}
     for t in range(len(tasks)):
@@ -87,117 +87,135 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def time_single(adapter: Adapter, streams: dict, repeats: int) -> tuple[list[float], list]:
-    users, times, sessions = list(streams), [], []
-    for u in users[:10]:  # warm-up
-        adapter.adapt(streams[u], user=u)
-    for _ in range(repeats):
-        for u in users:
-            start = time.perf_counter()
-            session = adapter.adapt(streams[u], user=u)
-            times.append(time.perf_counter() - start)
-        sessions.append(session)
-    return times, sessions
-
-
-def time_batched(adapter: Adapter, batch: dict, repeats: int) -> float:
-    adapter.adapt(batch)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        adapter.adapt(batch)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
-    workdir = Path(tempfile.mkdtemp(prefix="adaptation_latency_"))
-    recipe = Path(args.recipe) if args.recipe else (ML100K if ml100k_available() else QUICKSTART)
-    if args.recipe is None and recipe == ML100K:
-        os.environ.setdefault("METAREC_DATA", str(REPO.parent / "shared" / "data"))
-    ckpt = Path(args.ckpt) if args.ckpt else workdir / "model.ckpt"
-    train_s = None
-    if not args.ckpt:
-        start = time.perf_counter()
-        cwd = os.getcwd()
-        os.chdir(workdir)
-        try:
-            train_recipe(recipe, ckpt, ["--trainer.max_steps", str(args.train_steps),
-                                        "--trainer.limit_val_batches", "0"])
-        finally:
-            os.chdir(cwd)
-        train_s = time.perf_counter() - start
-    streams = test_streams(recipe)
+RECIPES = {  # backbone -> (MovieLens-100K recipe, quick-start overrides without the data)
+    "melu": (REPO / "recipes" / "movielens-100k" / "melu-maml.yaml", []),
+    "transformer": (REPO / "recipes" / "movielens-100k" / "transformer-maml.yaml",
+                    ["--model.backbone", "transformer", "--model.backbone_args",
+                     "{dim: 32, layers: 1, heads: 2, scorer_hidden: [64]}",
+                     "--data.history_length", "20"]),
+}
+
+
+def checkpoint(backbone: str, args: argparse.Namespace, workdir: Path) -> tuple[Path, list, dict]:
+    """(checkpoint, recipe arguments, facts): trained here unless ``--ckpt`` is given."""
+    if args.recipe:
+        recipe, overrides = Path(args.recipe), []
+    elif ml100k_available():
+        recipe, overrides = RECIPES[backbone][0], []
+    else:
+        recipe, overrides = QUICKSTART, RECIPES[backbone][1]
+    facts: dict = {"recipe": str(recipe.relative_to(REPO)) if recipe.is_relative_to(REPO)
+                   else str(recipe), "overrides": overrides}
+    if args.ckpt:
+        return Path(args.ckpt), ["--config", str(recipe), *overrides], facts
+    ckpt = workdir / f"{backbone}.ckpt"
+    start = time.perf_counter()
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        train_recipe(recipe, ckpt, [*overrides, "--trainer.max_steps", str(args.train_steps),
+                                    "--trainer.limit_val_batches", "0"])
+    finally:
+        os.chdir(cwd)
+    facts.update(meta_train_steps=args.train_steps, train_s=round(time.perf_counter() - start, 1))
+    return ckpt, ["--config", str(recipe), *overrides], facts
+
+
+def bench_backbone(backbone: str, args: argparse.Namespace, workdir: Path) -> dict:
+    ckpt, recipe_args, facts = checkpoint(backbone, args, workdir)
+    streams = test_streams(recipe_args)
     sizes = sorted(len(e) for e in streams.values())
     probe = Adapter.from_checkpoint(ckpt)
+    hp = probe.model.hparams
+    if hp["backbone"] != backbone:
+        raise SystemExit(f"the checkpoint's backbone is {hp['backbone']}, expected {backbone}")
     n_batch = min(args.users, probe.num_users)
     pool = list(streams.values())
     batch = {u: pool[u % len(pool)] for u in range(n_batch)}
-    registered = {i.alias for i in available("backbones")}
-    hp = probe.model.hparams
-    result = {
-        "benchmark": "adaptation_latency",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv[1:],
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "load_average_start": os.getloadavg()},
-        "checkpoint": {"path": str(ckpt) if args.ckpt else None, "recipe": str(recipe.relative_to(REPO))
-                       if recipe.is_relative_to(REPO) else str(recipe),
-                       "meta_train_steps": None if args.ckpt else args.train_steps,
-                       "train_s": train_s, "backbone": hp["backbone"],
+    out = {
+        "checkpoint": {**facts, "path": str(ckpt) if args.ckpt else None,
                        "backbone_args": hp["backbone_args"], "algorithm": hp["algorithm"],
                        "algorithm_args": hp["algorithm_args"], "num_users": probe.num_users,
-                       "num_items": probe.num_items,
+                       "num_items": probe.num_items, "history_length": probe.history_length,
                        "fast_parameters": sum(v.numel() for v in probe.start.values())},
         "test_users": len(streams),
         "support_events": {"min": sizes[0], "median": sizes[len(sizes) // 2], "max": sizes[-1]},
         "batched_users": n_batch,
-        "backbones": ["melu"],
-        "transformer": (TRANSFORMER_NOTE if "transformer" in registered else
-                        "no 'transformer' backbone is registered: melu only"),
         "results": [],
     }
-    if args.ckpt is None and hp["backbone"] != "melu":
-        raise SystemExit(f"the recipe's backbone is {hp['backbone']}, expected melu")
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
-    for steps in args.steps:
-        eager = None
-        for mode in modes:
-            adapter = Adapter.from_checkpoint(ckpt, policy="finetune",
-                                              policy_args={"steps": steps},
-                                              compile=mode == "compiled")
-            row: dict = {"backbone": "melu", "policy": "finetune", "steps": steps, "mode": mode}
-            if mode == "compiled":  # compile every shape used, and check against eager
+    users = list(streams)
+    eager: dict[int, Adapter] = {}
+    for mode in modes:
+        adapters = {steps: Adapter.from_checkpoint(ckpt, policy="finetune",
+                                                   policy_args={"steps": steps},
+                                                   compile=mode == "compiled")
+                    for steps in args.steps}
+        rows = {steps: {"backbone": backbone, "policy": "finetune", "steps": steps, "mode": mode}
+                for steps in args.steps}
+        if mode == "compiled":  # compile every shape used, and check against eager
+            for steps, adapter in list(adapters.items()):
                 start = time.perf_counter()
-                for u in list(streams)[:]:
-                    adapter.adapt(streams[u], user=u)
+                try:
+                    for u in users:
+                        adapter.adapt(streams[u], user=u)
+                    adapter.adapt(batch)
+                except Exception as err:  # noqa: BLE001 - report, keep the eager numbers
+                    rows[steps]["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                    del adapters[steps]
+                    continue
+                rows[steps]["compile_s"] = round(time.perf_counter() - start, 1)
+                rows[steps]["max_abs_diff_vs_eager"] = max(max_diff(
+                    adapter.adapt(streams[u], user=u).fast,
+                    eager[steps].adapt(streams[u], user=u).fast) for u in users[:5])
+        else:
+            eager = adapters
+        # Single users: every configuration on the same user in turn, so that they share
+        # whatever else runs on the machine. Wall time and this process's CPU time.
+        wall = {steps: [] for steps in adapters}
+        cpu = {steps: [] for steps in adapters}
+        sessions: dict[int, list] = {steps: [] for steps in adapters}
+        for u in users[:5]:  # warm-up
+            for adapter in adapters.values():
+                adapter.adapt(streams[u], user=u)
+        for _ in range(args.repeats):
+            for u in users:
+                for steps, adapter in adapters.items():
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    session = adapter.adapt(streams[u], user=u)
+                    wall[steps].append(time.perf_counter() - t0)
+                    cpu[steps].append(time.process_time() - c0)
+                    if len(sessions[steps]) < 20:
+                        sessions[steps].append(session)
+        batched = {steps: [] for steps in adapters}
+        for adapter in adapters.values():
+            adapter.adapt(batch)  # warm-up
+        for _ in range(args.batch_repeats):
+            for steps, adapter in adapters.items():
+                t0 = time.perf_counter()
                 adapter.adapt(batch)
-                row["compile_s"] = round(time.perf_counter() - start, 1)
-                u0 = next(iter(streams))
-                row["max_abs_diff_vs_eager"] = max_diff(
-                    adapter.adapt(streams[u0], user=u0).fast, eager.adapt(streams[u0], user=u0).fast)
-            else:
-                eager = adapter
-            times, sessions = time_single(adapter, streams, args.repeats)
-            row["single_p50_ms"] = round(1e3 * percentile(times, 0.5), 3)
-            row["single_p95_ms"] = round(1e3 * percentile(times, 0.95), 3)
-            row["single_samples"] = len(times)
-            rec = []
-            for s in sessions * 20:
-                start = time.perf_counter()
-                s.recommend(10)
-                rec.append(time.perf_counter() - start)
-            row["recommend_p50_ms"] = round(1e3 * percentile(rec, 0.5), 3)
-            seconds = time_batched(adapter, batch, args.batch_repeats)
-            row["batched_s"] = round(seconds, 4)
-            row["batched_users_per_s"] = round(n_batch / seconds, 1)
-            result["results"].append(row)
+                batched[steps].append(time.perf_counter() - t0)
+        for steps in args.steps:
+            row = rows[steps]
+            if steps in adapters:
+                row["single_p50_ms"] = round(1e3 * percentile(wall[steps], 0.5), 3)
+                row["single_p95_ms"] = round(1e3 * percentile(wall[steps], 0.95), 3)
+                row["single_cpu_p50_ms"] = round(1e3 * percentile(cpu[steps], 0.5), 3)
+                row["single_samples"] = len(wall[steps])
+                rec = []
+                for session in sessions[steps] * 5:
+                    t0 = time.perf_counter()
+                    session.recommend(10)
+                    rec.append(time.perf_counter() - t0)
+                row["recommend_p50_ms"] = round(1e3 * percentile(rec, 0.5), 3)
+                seconds = statistics.median(batched[steps])
+                row["batched_s"] = round(seconds, 4)
+                row["batched_users_per_s"] = round(n_batch / seconds, 1)
+            out["results"].append(row)
             print(json.dumps(row), flush=True)
     # One online update (one event, one step on a replay buffer of 20).
     online = Adapter.from_checkpoint(ckpt, policy="online",
@@ -211,13 +229,33 @@ def run(args: argparse.Namespace) -> dict:
         session.update(event)
         times.append(time.perf_counter() - start)
     times = times[50:]
-    result["online_update"] = {"p50_ms": round(1e3 * percentile(times, 0.5), 3),
-                               "p95_ms": round(1e3 * percentile(times, 0.95), 3),
-                               "buffer_size": 20, "samples": len(times)}
-    print(json.dumps({"online_update": result["online_update"]}), flush=True)
+    out["online_update"] = {"p50_ms": round(1e3 * percentile(times, 0.5), 3),
+                            "p95_ms": round(1e3 * percentile(times, 0.95), 3),
+                            "buffer_size": 20, "samples": len(times)}
+    print(json.dumps({backbone: {"online_update": out["online_update"]}}), flush=True)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    workdir = Path(tempfile.mkdtemp(prefix="adaptation_latency_"))
+    registered = {i.alias for i in available("backbones")}
+    backbones = [b for b in args.backbones if b in registered]
+    result: dict = {
+        "benchmark": "adaptation_latency",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "load_average_start": os.getloadavg()},
+        "backbones": backbones,
+        "not_registered": [b for b in args.backbones if b not in registered],
+    }
+    for backbone in backbones:
+        result[backbone] = bench_backbone(backbone, args, workdir)
     goal = {}
-    for row in result["results"]:
-        if row["steps"] == 5:
+    for row in result.get("melu", {}).get("results", []):
+        if row["steps"] == 5 and "error" not in row:
             goal[row["mode"]] = {"single_p50_under_5ms": row["single_p50_ms"] < 5.0,
                                  "batched_over_1000_users_per_s": row["batched_users_per_s"] > 1000}
     result["goal_melu_5_steps"] = goal
@@ -237,7 +275,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=1024, help="users per batched call")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     parser.add_argument("--no-compile", action="store_true", help="eager mode only")
+    parser.add_argument("--backbones", default="melu,transformer",
+                        help="comma-separated backbones (melu,transformer)")
     args = parser.parse_args(argv)
+    args.backbones = args.backbones.split(",")
+    if args.ckpt and len(args.backbones) > 1:
+        parser.error("--ckpt needs a single --backbones (the checkpoint's)")
     args.steps = [int(s) for s in (args.steps or ("5" if args.quick else "1,5,10")).split(",")]
     args.repeats = 2 if args.quick else 10
     args.batch_repeats = 3 if args.quick else 7

@@ -432,3 +432,18 @@ def test_a_history_backbone_needs_a_history_length(fitted_transformer, tmp_path)
     with pytest.raises(ValueError, match="pass history_length="):
         Adapter.from_checkpoint(tmp_path / "old.ckpt")
     assert Adapter.from_checkpoint(tmp_path / "old.ckpt", history_length=3).history_length == 3
+
+
+def test_metarec_adapt_with_a_transformer_checkpoint(fitted_transformer, tmp_path, capsys):
+    ckpt, cli = fitted_transformer
+    streams, _ = _test_streams(cli, n=2)
+    lines = ["user,item,label,timestamp"] + [f"{u},{i},{y:g},{s}" for u, events in streams.items()
+                                             for i, y, s in events]
+    csv = _write(tmp_path / "events.csv", "\n".join(lines) + "\n")
+    main(["adapt", "--ckpt", str(ckpt), "--interactions", str(csv), "--k", "4"])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    adapter = Adapter.from_checkpoint(ckpt)
+    assert [o["user"] for o in out] == list(streams)
+    for o in out:
+        expected = adapter.adapt(streams[o["user"]], user=o["user"]).recommend(4)
+        assert o["items"] == expected.items.tolist()
