@@ -222,8 +222,9 @@ class Adapter:
         for (``user=None``: then every user feature is required, and a backbone that embeds
         user ids cannot score the user).
 
-        Or ``interactions`` is a mapping ``{user: events}``: all users are adapted in one
-        vmapped call of the policy and ``{user: UserSession}`` is returned.
+        Or ``interactions`` is a mapping ``{user: events}``: all users are adapted together,
+        sorted by number of events, one vmapped policy call per ``group_size`` users, and
+        ``{user: UserSession}`` is returned.
 
         ``seed`` seeds a stochastic policy (the global RNG is left as it was).
         """
