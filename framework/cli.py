@@ -59,6 +59,16 @@ class MetarecCLI(LightningCLI):
         parser.link_arguments("data.schema", "model.schema", apply_on="instantiate")
         parser.set_defaults(PARSER_DEFAULTS)
 
+    def before_instantiate_classes(self) -> None:
+        """``--trainer.enable_progress_bar false`` also drops the default progress bar callback
+        (Lightning refuses a progress-bar callback when the bar is disabled)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is not None and trainer.get("enable_progress_bar") is False:
+            callbacks = trainer.get("callbacks") or []
+            trainer["callbacks"] = [c for c in callbacks
+                                    if not str(getattr(c, "class_path", c)).endswith("ProgressBar")]
+
 
 def print_plugins(stream: Any = None) -> None:
     """Print every plugin group: alias, class path, distribution and version."""

@@ -33,5 +33,7 @@ class WandbLogger(_LightningWandbLogger):
             mode = os.environ.get("WANDB_MODE", "")
             offline = mode in ("offline", "dryrun", "disabled") or (
                 mode != "online" and not wandb_account_configured())
+        if os.environ.get("WANDB_MODE") == "disabled":
+            kwargs.setdefault("mode", "disabled")  # no run files at all
         kwargs.setdefault("project", "metarec")
         super().__init__(*args, offline=offline, **kwargs)

@@ -42,3 +42,13 @@ class DataSchema:
     def of(self, owner: Owner) -> tuple[FeatureSpec, ...]:
         """The feature specs that belong to users or to items."""
         return tuple(f for f in self.features if f.owner == owner)
+
+
+def _allow_in_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` (Lightning's default) read the schema in a checkpoint."""
+    import torch
+
+    torch.serialization.add_safe_globals([DataSchema, FeatureSpec])
+
+
+_allow_in_checkpoints()

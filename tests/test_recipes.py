@@ -47,3 +47,15 @@ def test_inference_mode_is_off_by_default(in_tmp):
     assert cli.trainer.test_loop.inference_mode is False
     cli.trainer.validate(cli.model, datamodule=cli.datamodule)
     assert "val/step0/loss" in cli.trainer.callback_metrics
+
+
+def test_fit_then_test_from_the_checkpoint_through_the_cli(in_tmp):
+    """`metarec test --ckpt_path` reloads a checkpoint (weights_only loading included)."""
+    quick = str(REPO / "recipes" / "quickstart.yaml")
+    MetarecCLI(args=["fit", "--config", quick, "--trainer.max_steps", "3",
+                     "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
+    ckpt = next((in_tmp / "runs").rglob("*.ckpt"))
+    cli = MetarecCLI(args=["test", "--config", quick, "--ckpt_path", str(ckpt),
+                           "--trainer.enable_progress_bar", "false"])
+    metrics = cli.trainer.callback_metrics
+    assert 0 < float(metrics["test/mae"]) < 2 and "test/step0/ndcg@5" in metrics
