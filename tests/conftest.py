@@ -55,6 +55,21 @@ def synthetic_batch(n_tasks: int = 6, split: str = "train", dtype=torch.float64,
     return table, batch
 
 
+def melu_setup(algorithm, n_tasks: int = 4, seed: int = 0):
+    """(backbone, functional model, batch): a tiny float64 MeLU bound to ``algorithm``."""
+    from metarec import FunctionalModel, select_parameters
+    from metarec_plugins.backbones.melu import MeLU
+
+    table, batch = synthetic_batch(n_tasks=n_tasks)
+    torch.manual_seed(seed)
+    backbone = MeLU(table.schema, embedding_dim=4, hidden=(8, 6)).double()
+    model = FunctionalModel(backbone, select_parameters(backbone, algorithm.select_fast(backbone)),
+                            "explicit")
+    algorithm.double()
+    algorithm.bind(model)
+    return backbone, model, batch
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run in a temporary directory (runs/ and wandb/ files land there)."""

@@ -6,25 +6,16 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from conftest import REPO, synthetic_batch
-from metarec import FunctionalModel, select_parameters
+from conftest import REPO, melu_setup
 from metarec_plugins.algorithms.anil import ANIL
 from metarec_plugins.algorithms.maml import MAML
 from metarec_plugins.algorithms.metasgd import MetaSGD
 from metarec_plugins.algorithms.reptile import Reptile
-from metarec_plugins.backbones.melu import MeLU
 from metarec_plugins.policies.finetune import FineTune
 
 
 def _setup(algorithm, n_tasks=4, seed=0):
-    table, batch = synthetic_batch(n_tasks=n_tasks)
-    torch.manual_seed(seed)
-    backbone = MeLU(table.schema, embedding_dim=4, hidden=(8, 6)).double()
-    model = FunctionalModel(backbone, select_parameters(backbone, algorithm.select_fast(backbone)),
-                            "explicit")
-    algorithm.double()
-    algorithm.bind(model)
-    return backbone, model, batch
+    return melu_setup(algorithm, n_tasks, seed)
 
 
 def _task_loss(backbone, params, side, t):

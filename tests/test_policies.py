@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, synthetic_batch
+from conftest import REPO, melu_setup
 from metarec import (
     SGD,
     AdaptationPolicy,
@@ -17,13 +17,11 @@ from metarec import (
     PluginError,
     available,
     build,
-    select_parameters,
 )
 from metarec.cli import MetarecCLI
 from metarec_plugins.algorithms.maml import MAML
 from metarec_plugins.algorithms.metasgd import MetaSGD
 from metarec_plugins.algorithms.reptile import Reptile
-from metarec_plugins.backbones.melu import MeLU
 from metarec_plugins.policies.early_stop import EarlyStop
 from metarec_plugins.policies.finetune import FineTune
 from metarec_plugins.policies.frozen import Frozen
@@ -36,13 +34,7 @@ QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 # -- fixtures -------------------------------------------------------------------------------
 def _melu(algorithm, n_tasks=6, seed=0):
     """MeLU (float64) on synthetic tasks; detached (fast, slow) as evaluation passes them."""
-    table, batch = synthetic_batch(n_tasks=n_tasks)
-    torch.manual_seed(seed)
-    backbone = MeLU(table.schema, embedding_dim=4, hidden=(8, 6)).double()
-    model = FunctionalModel(backbone, select_parameters(backbone, algorithm.select_fast(backbone)),
-                            "explicit")
-    algorithm.double()
-    algorithm.bind(model)
+    _, model, batch = melu_setup(algorithm, n_tasks, seed)
     fast, slow = model.split()
     return (model, {k: v.detach() for k, v in fast.items()},
             {k: v.detach() for k, v in slow.items()}, batch)
