@@ -6,7 +6,13 @@ The public API that plugins (built-in and third-party) build on is exported here
 from metarec.adapter import Adapter, Recommendations, UserSession
 from metarec.algorithm import MetaAlgorithm
 from metarec.backbone import Backbone
-from metarec.checkpoint import load_backbone, load_checkpoint, train_recipe
+from metarec.checkpoint import (
+    building_for_inference,
+    for_inference,
+    load_backbone,
+    load_checkpoint,
+    train_recipe,
+)
 from metarec.data import (
     ENCODED,
     DataError,
@@ -48,5 +54,5 @@ __all__ = [
     "Objective", "Params", "PluginError", "TaskConfig", "available", "build", "build_tasks",
     "encode_ids", "inputs", "masked_loss", "numeric_column", "read_frame", "require_columns",
     "reset_registry", "resolve", "select_parameters", "load_backbone", "load_checkpoint",
-    "train_recipe",
+    "train_recipe", "building_for_inference", "for_inference",
 ]

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
-from metarec.checkpoint import load_checkpoint
+from metarec.checkpoint import for_inference, load_checkpoint
 from metarec.data.episodes import EpisodeCollator, FeatureBatch
 from metarec.functional import Params
 
@@ -158,11 +158,12 @@ class Adapter:
         accepted = inspect.signature(MetaLearner).parameters
         kwargs = {k: v for k, v in hparams.items() if k in accepted}
         instantiator = hparams.get("_instantiator")
-        if instantiator:  # saved by LightningCLI: typed arguments (e.g. metrics) are plain dicts
-            module, _, name = str(instantiator).rpartition(".")
-            model = getattr(importlib.import_module(module), name)(MetaLearner, kwargs)
-        else:
-            model = MetaLearner(**kwargs)
+        with for_inference():  # plugins skip training-only parts (e.g. distill's teacher)
+            if instantiator:  # saved by LightningCLI: typed arguments are plain dicts
+                module, _, name = str(instantiator).rpartition(".")
+                model = getattr(importlib.import_module(module), name)(MetaLearner, kwargs)
+            else:
+                model = MetaLearner(**kwargs)
         model.load_state_dict(ckpt["state_dict"])
         data = ckpt.get("metarec_data") or {}
         if item_features is None and "item_features" not in data and model.schema.of("item"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +12,25 @@ import torch
 
 from metarec import registry
 from metarec.backbone import Backbone
+
+_FOR_INFERENCE = contextvars.ContextVar("metarec_for_inference", default=False)
+
+
+@contextlib.contextmanager
+def for_inference() -> Iterator[None]:
+    """Within this block a model is being rebuilt only to adapt and serve (e.g. by
+    :class:`metarec.Adapter`): plugins may skip what only meta-training needs (a distillation
+    teacher, say)."""
+    token = _FOR_INFERENCE.set(True)
+    try:
+        yield
+    finally:
+        _FOR_INFERENCE.reset(token)
+
+
+def building_for_inference() -> bool:
+    """True inside :func:`for_inference`."""
+    return _FOR_INFERENCE.get()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -82,3 +82,24 @@ def test_weight_one_moves_adapted_student_toward_teacher(teacher, in_tmp):
 def test_missing_teacher_without_recipe_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="teacher checkpoint .* not found"):
         Distill(teacher_checkpoint=str(tmp_path / "nope.ckpt"))
+
+
+def test_a_trained_student_is_served_without_its_teacher(tmp_path, in_tmp):
+    """Adapter.from_checkpoint rebuilds for inference: the teacher file may be gone."""
+    import shutil
+
+    from metarec import Adapter
+
+    teacher_copy = tmp_path / "t.ckpt"
+    teacher_path = train_recipe(QUICK, teacher_copy, ["--model.algorithm", "pretrain",
+                                                      "--trainer.max_steps", "2"])
+    cli = _student(teacher_path, 0.5, "--trainer.max_steps", "2", "--trainer.max_epochs", "1")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    student = tmp_path / "student.ckpt"
+    cli.trainer.save_checkpoint(student)
+    shutil.move(teacher_path, tmp_path / "moved.ckpt")
+    adapter = Adapter.from_checkpoint(student)
+    session = adapter.adapt([(1, 4.0), (2, 2.0), (3, 5.0)], user=0)
+    assert len(session.recommend(5).items) == 5
+    with pytest.raises(FileNotFoundError, match="teacher checkpoint"):
+        _student(teacher_path, 0.5)  # training still needs it

@@ -22,7 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-from metarec import EpisodeBatch, FunctionalModel, inputs, load_backbone, masked_loss, train_recipe
+from metarec import (
+    EpisodeBatch,
+    FunctionalModel,
+    building_for_inference,
+    inputs,
+    load_backbone,
+    masked_loss,
+    train_recipe,
+)
 from metarec_plugins.algorithms.maml import MAML
 
 
@@ -50,6 +58,9 @@ class Distill(MAML):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.weight, self.temperature = float(weight), float(temperature)
+        self._teacher: list[torch.nn.Module] = []
+        if building_for_inference():
+            return  # adapting and serving a trained student needs no teacher
         path = Path(teacher_checkpoint)
         if not path.is_file():
             if teacher_recipe is None:
@@ -64,10 +75,14 @@ class Distill(MAML):
 
     @property
     def teacher(self) -> torch.nn.Module:
+        if not self._teacher:
+            raise RuntimeError("distill: no teacher loaded (the model was rebuilt for inference)")
         return self._teacher[0]
 
     def bind(self, model: FunctionalModel) -> None:
         super().bind(model)
+        if not self._teacher:
+            return
         mine, theirs = model.backbone.schema, self.teacher.schema
         if (mine.num_users, mine.num_items, mine.feedback) != \
                 (theirs.num_users, theirs.num_items, theirs.feedback):
