@@ -14,6 +14,7 @@ from metarec.data.episodes import EpisodeBatch
 from metarec.functional import FunctionalModel, masked_loss, select_parameters
 from metarec.metrics import AdaptationMetrics, MetricsConfig
 from metarec.schema import DataSchema
+from metarec.tracking import log_curve, log_table
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -148,6 +149,12 @@ class MetaLearner(pl.LightningModule):
                 scores, batch.query["label"], batch.query["mask"], self.functional.feedback)
             base = losses if base is None else base
             metrics.update(step, scores, batch.query, batch.users, losses, base)
+        if prefix == "test":  # per-user rows for the test table (this rank's tasks)
+            mask = batch.query["mask"]
+            abs_err = ((scores - batch.query["label"]).abs() * mask).sum(1) / mask.sum(1).clamp_min(1)
+            for i, user in enumerate(batch.users.tolist()):
+                self._test_rows.append([user, int(batch.support["mask"][i].sum()),
+                                        float(base[i]), float(losses[i]), float(abs_err[i])])
 
     def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
@@ -155,14 +162,30 @@ class MetaLearner(pl.LightningModule):
     def test_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 
+    def on_test_epoch_start(self) -> None:
+        self._test_rows: list[list[Any]] = []
+
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
+        if self._trainer is not None and not self.trainer.sanity_checking:
+            keys = getattr(getattr(self.trainer.datamodule, "table", None), "user_keys", None)
+            rows = [[keys[r[0]].item() if keys is not None else r[0], *r[1:]]
+                    for r in self._test_rows]
+            log_table(self.trainer, "test/users",
+                      ["user", "support_size", "query_loss_before", "query_loss_after",
+                       "query_mae_after"], rows)
 
     def _log_metrics(self, metrics: AdaptationMetrics, prefix: str) -> None:
         values = metrics.compute(prefix)
+        if self._trainer is not None and not self.trainer.sanity_checking:
+            steps = list(range(len(metrics.per_step)))
+            ndcg = f"ndcg@{self.metrics_config.top_k[0]}"
+            log_curve(self.trainer, f"{prefix}/adaptation_curve", "step", steps, {
+                "loss": [values[f"{prefix}/step{s}/loss"] for s in steps],
+                ndcg: [values[f"{prefix}/step{s}/{ndcg}"] for s in steps]})
         headline = {f"{prefix}/loss", f"{prefix}/ndcg@{self.metrics_config.top_k[0]}"}
         self.log_dict({k: v for k, v in values.items() if k in headline}, prog_bar=True)
         self.log_dict({k: v for k, v in values.items() if k not in headline})

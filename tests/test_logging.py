@@ -16,9 +16,10 @@ from wandb_records import read_records
 def test_offline_wandb_and_csv_logs(in_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    MetarecCLI(args=["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"),
-                     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
-                     "--trainer.log_every_n_steps", "1"])
+    cli = MetarecCLI(args=["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"),
+                           "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
+                           "--trainer.log_every_n_steps", "1"])
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     wandb.finish()  # flush the run file (a CLI process does this at exit)
     runs = list((in_tmp / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
@@ -37,8 +38,16 @@ def test_offline_wandb_and_csv_logs(in_tmp, monkeypatch):
         elif kind == "config":
             config.update({i.key: json.loads(i.value_json) for i in record.config.update})
     for key in ("train/loss", "val/loss", "val/mae", "val/ndcg@5", "val/step0/rmse",
-                "val/step3/adapt_ratio"):
+                "val/step3/adapt_ratio",
+                # adaptation curves (a table, and a line chart per series whose data W&B stores
+                # as "<chart>_table"), and the per-user test table
+                "val/adaptation_curve/path", "val/adaptation_curve/loss_table/path",
+                "val/adaptation_curve/ndcg@5_table/path", "test/adaptation_curve/path",
+                "test/users/path"):
         assert key in history_keys, key
+    table = {"/".join(i.nested_key): json.loads(i.value_json) for r in records
+             if r.WhichOneof("record_type") == "history" for i in r.history.item}
+    assert table["test/users/ncols"] == 5 and table["test/users/nrows"] > 10
     assert config["algorithm"] == "maml" and config["backbone"] == "melu"
     # The resolved recipe is the run's config, defaults included.
     recipe = config["recipe"]
@@ -46,7 +55,14 @@ def test_offline_wandb_and_csv_logs(in_tmp, monkeypatch):
     assert recipe["data"]["tasks"]["query_size"] == 10
     assert recipe["trainer"]["inference_mode"] is False
 
-    rows = list(csv.DictReader(open(next((in_tmp / "runs" / "csv").glob("version_*/metrics.csv")))))
+    csv_dir = next((in_tmp / "runs" / "csv").glob("version_*"))
+    curve = list(csv.DictReader(open(csv_dir / "val_adaptation_curve.csv")))
+    assert [int(r["step"]) for r in curve] == [0, 1, 2, 3]
+    assert float(curve[-1]["loss"]) < float(curve[0]["loss"])  # adaptation lowers query loss
+    users = list(csv.DictReader(open(csv_dir / "test_users.csv")))
+    assert len(users) == len(cli.datamodule.splits["test"])
+    assert all(int(u["support_size"]) >= 3 for u in users)
+    rows = list(csv.DictReader(open(csv_dir / "metrics.csv")))
     train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     val = [r for r in rows if r.get("val/ndcg@5")]
     assert len(train) == 4 and all(x > 0 for x in train)
