@@ -44,6 +44,7 @@ from metarec.metrics import MetricsConfig
 from metarec.policy import AdaptationPolicy
 from metarec.registry import PluginError, available, build, reset_registry, resolve
 from metarec.schema import DataSchema, FeatureSpec
+from metarec.tracking import log_curve, log_table
 
 __version__ = "0.1.0"
 
@@ -54,5 +55,5 @@ __all__ = [
     "Objective", "Params", "PluginError", "TaskConfig", "available", "build", "build_tasks",
     "encode_ids", "inputs", "masked_loss", "numeric_column", "read_frame", "require_columns",
     "reset_registry", "resolve", "select_parameters", "load_backbone", "load_checkpoint",
-    "train_recipe", "building_for_inference", "for_inference",
+    "train_recipe", "building_for_inference", "for_inference", "log_curve", "log_table",
 ]
