@@ -10,15 +10,17 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+if TYPE_CHECKING:  # imported lazily: `import metarec` does not load Lightning
+    import lightning.pytorch as pl
 
 
 def log_table(trainer: pl.Trainer, key: str, columns: Sequence[str],
               rows: Sequence[Sequence[Any]]) -> None:
     """Log a table (e.g. per-user test results) to W&B and as ``{csv log dir}/{key}.csv``."""
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
@@ -43,6 +45,8 @@ def log_curve(trainer: pl.Trainer, key: str, x_name: str, x: Sequence[float],
     columns = [x_name, *series]
     rows = [[x[i], *(float(values[i]) for values in series.values())] for i in range(len(x))]
     log_table(trainer, key, columns, rows)
+    from lightning.pytorch.loggers import WandbLogger
+
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             import wandb
