@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> None:
 
         adapt_command(args[1:])
         return
+    if args[:1] == ["simulate"]:
+        from metarec.simulate import simulate_command
+
+        simulate_command(args[1:])
+        return
     MetarecCLI(args=argv)  # None: LightningCLI reads sys.argv itself
 
 

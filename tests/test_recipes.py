@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, ml100k_root
 from metarec.cli import MetarecCLI
 
-RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "sweeps" not in p.parts)
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "sweeps" not in p.parts and not p.name.startswith("simulate"))
 
 
 def _needs_ml100k(path) -> bool:
