@@ -272,6 +272,7 @@ class Adapter:
                     clock = int(times.max()) if n else -1
                     sessions[i] = UserSession(self, uid, values, fast, state,
                                               torch.unique(items), recent, clock)
+                    sessions[i]._events = (items, support["label"][j, :n].clone(), times.clone())
         return sessions  # type: ignore[return-value]
 
     def _run(self, support: FeatureBatch) -> Params:
@@ -539,6 +540,9 @@ class UserSession:
         # oldest first. `clock`: the latest event time (events without timestamps follow it).
         self._recent = recent
         self._clock = clock
+        # Every event so far (items, labels, times), oldest first: non-incremental policies
+        # re-adapt from the meta-learned start on all of them at each update.
+        self._events: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _candidate_history(self, n: int) -> FeatureBatch | None:
         """The ``history.*`` inputs of ``n`` candidates scored now: the latest events."""
@@ -607,8 +611,9 @@ class UserSession:
         as in :meth:`Adapter.adapt`, replayed in timestamp order). Only this session changes.
 
         With an incremental policy (``online``) its ``update`` is applied (one update per chunk
-        of events, on the user's replay buffer); otherwise the policy's ``adapt`` runs on the
-        new events from the current parameters. Returns the session.
+        of events, on the user's replay buffer); otherwise the policy adapts again from the
+        meta-learned start on every event so far (the support set grows), exactly as evaluation
+        adapts a support set. Returns the session.
         """
         adapter = self.adapter
         items, labels, times = adapter._events(feedback_events, "feedback events")
@@ -635,6 +640,16 @@ class UserSession:
             if adapter.online:
                 self._fast, self._state = policy.update(model, self._fast, adapter.slow,
                                                         adapter.start, self._state, events)
+            elif self._events is not None:
+                # As evaluation does: adapt from the meta-learned start on the whole support
+                # set, now the earlier events plus the new feedback (repeating k steps on each
+                # new event from the current parameters drifts and can diverge).
+                merged = [torch.cat([old, new]) for old, new in
+                          zip(self._events, (items, labels, times.to(self._events[2].dtype)))]
+                order = torch.sort(merged[2], stable=True).indices
+                self._events = tuple(x[order] for x in merged)
+                support = adapter._support([(self.user, self._values)], [self._events])
+                self._fast = {k: v[0].clone() for k, v in adapter._run(support).items()}
             else:
                 batch = {k: v[None] for k, v in events.items()}
                 adapted = policy.adapt(model, self._fast, adapter.slow, batch)[-1]
