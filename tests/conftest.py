@@ -75,3 +75,15 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run in a temporary directory (runs/ and wandb/ files land there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _finish_wandb_runs():
+    """In-process fits leave their W&B run open (a CLI process closes it at exit); close it so
+    the next test's logger starts its own run instead of reusing this one."""
+    yield
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
