@@ -584,13 +584,21 @@ class UserSession:
                 raise adapter._missing_input(err, batch) from err
 
     def recommend(self, k: int = 10, candidates: torch.Tensor | Sequence[int] | None = None,
-                  exclude_seen: bool = True) -> Recommendations:
+                  exclude_seen: bool = True, epsilon: float = 0.0,
+                  generator: torch.Generator | None = None) -> Recommendations:
         """The ``k`` best-scored candidates (default: every item), best first.
 
         Items the user has interacted with (in ``adapt`` or ``update``) are left out unless
         ``exclude_seen`` is false. Ties keep candidate order. Fewer than ``k`` are returned
         when fewer candidates are left.
+
+        ``epsilon`` > 0 explores (epsilon-greedy): each of the ``k`` slots, independently with
+        probability ``epsilon``, shows a uniformly drawn candidate not yet in the list instead of
+        the best remaining one, trading immediate accuracy for information about the new user.
+        ``generator`` makes the draws reproducible.
         """
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {epsilon!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         adapter = self.adapter
@@ -603,8 +611,29 @@ class UserSession:
             else:
                 keep = ~torch.isin(items, self._seen)
             items, scores = items[keep], scores[keep]
-        order = torch.sort(scores, descending=True, stable=True).indices[:k]
+        ranked = torch.sort(scores, descending=True, stable=True).indices
+        if epsilon == 0.0:
+            order = ranked[:k]
+        else:
+            order = self._explore(ranked, min(k, len(ranked)), epsilon, generator)
         return Recommendations(items[order].clone(), scores[order])
+
+    @staticmethod
+    def _explore(ranked: torch.Tensor, k: int, epsilon: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+        """Epsilon-greedy slots over candidates ``ranked`` best first (indices into them)."""
+        explore = torch.rand(k, generator=generator) < epsilon
+        taken = torch.zeros(len(ranked), dtype=torch.bool)
+        picks = []
+        for slot in range(k):
+            free = (~taken).nonzero().flatten()
+            if explore[slot]:
+                j = free[torch.randint(len(free), (1,), generator=generator)].item()
+            else:
+                j = free[0].item()  # the best candidate not shown yet
+            taken[j] = True
+            picks.append(j)
+        return ranked[torch.as_tensor(picks, dtype=torch.long, device=ranked.device)]
 
     def update(self, feedback_events: Any) -> UserSession:
         """Adapt this user's parameters to new feedback (``(item, label[, timestamp])`` events

@@ -16,8 +16,8 @@ interactions observed so far):
 3. the next interaction's score is predicted before it is revealed: MAE is
    ``|predicted rating - rating|`` (implicit: ``|sigmoid(logit) - label|``);
 4. the next interaction (the true feedback) is revealed: ``session.update([event])`` (online
-   policies apply their incremental update; others re-run ``adapt`` on the event from the
-   current parameters, see :class:`metarec.UserSession`).
+   policies apply their incremental update; others adapt again from the meta-learned start on
+   every revealed event, see :class:`metarec.UserSession`).
 
 Nothing is revealed before its turn: the session only ever receives events ``0..t-1`` when it
 recommends and predicts at turn ``t`` (tests/test_simulate.py checks it with a spy).
@@ -33,6 +33,7 @@ Config (plain YAML, ``yaml.safe_load``)::
       - {name: frozen}
       - {name: finetune, args: {steps: 5}}
       - {name: online, args: {buffer_size: 20}}
+      - {name: online, label: online-explore, epsilon: 0.1}   # epsilon-greedy top-k slots
     users: 100                         # first N test users (default: all)
     k: 10
     negatives: 100                     # sampled unrated items added to each candidate set
@@ -97,13 +98,18 @@ def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     for i, p in enumerate(policies):
         if isinstance(p, str):
             p = {"name": p}
-        if not isinstance(p, dict) or "name" not in p or set(p) - {"name", "args", "label"}:
-            raise ValueError(f"{where}: policies[{i}] must be {{name, args[, label]}}, got {p!r}")
+        if not isinstance(p, dict) or "name" not in p or \
+                set(p) - {"name", "args", "label", "epsilon"}:
+            raise ValueError(f"{where}: policies[{i}] must be {{name, args[, label, epsilon]}}, "
+                             f"got {p!r}")
+        epsilon = p.get("epsilon", 0.0)
+        if not isinstance(epsilon, (int, float)) or not 0 <= epsilon <= 1:
+            raise ValueError(f"{where}: policies[{i}]: epsilon must be in [0, 1], got {epsilon!r}")
         if p["name"] not in known and "." not in str(p["name"]):
             raise ValueError(f"{where}: policies[{i}]: unknown policy {p['name']!r}; "
                              f"available: {sorted(known)}")
         parsed.append({"name": p["name"], "args": dict(p.get("args") or {}),
-                       "label": str(p.get("label", p["name"]))})
+                       "label": str(p.get("label", p["name"])), "epsilon": float(epsilon)})
     labels = [p["label"] for p in parsed]
     if len(set(labels)) != len(labels):
         raise ValueError(f"{where}: policy labels must be unique (add label:), got {labels}")
@@ -148,7 +154,8 @@ def _ndcg(shown: Sequence[int], relevant: set[int], k: int) -> float:
 
 def replay_user(adapter: Any, user: int, events: np.ndarray, candidates: np.ndarray, *,
                 k: int, warmup: int, turns: int | None, relevant: float,
-                explicit: bool, seed: int) -> list[tuple[int, float, float, float]]:
+                explicit: bool, seed: int,
+                epsilon: float = 0.0) -> list[tuple[int, float, float, float]]:
     """Replay one user; ``[(observed, hr, ndcg, mae)]`` per turn (see the module doc)."""
     items = events[:, 0].astype(np.int64)
     good = events[:, 1] >= (relevant if explicit else 0.5)
@@ -161,9 +168,11 @@ def replay_user(adapter: Any, user: int, events: np.ndarray, candidates: np.ndar
     out = []
     last = n if turns is None else min(n, warm + turns)
     cands = torch.as_tensor(candidates, dtype=torch.long)
+    explore = torch.Generator().manual_seed(seed * 1_000_003 + user)  # epsilon-greedy draws
     for t in range(warm, last):
         future = {int(i) for i in items[t:][good[t:]]}
-        shown = session.recommend(k, candidates=cands).items.tolist()
+        shown = session.recommend(k, candidates=cands, epsilon=epsilon,
+                                  generator=explore).items.tolist()
         if future:
             hr = float(any(i in future for i in shown))
             ndcg = _ndcg(shown, future, k)
@@ -256,7 +265,8 @@ def simulate(config: str | Path | dict[str, Any]) -> dict[str, Any]:
             results.append(replay_user(adapter, user, events, cands, k=config["k"],
                                        warmup=config["warmup"], turns=config["turns"],
                                        relevant=float(config["relevant_rating"]),
-                                       explicit=explicit, seed=config["seed"]))
+                                       explicit=explicit, seed=config["seed"],
+                                       epsilon=p["epsilon"]))
         rows = _curves(p["label"], results)
         curves.extend(rows)
         flat = np.array([r[1:] for user in results for r in user], dtype=np.float64).reshape(-1, 3)

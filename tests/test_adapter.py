@@ -446,3 +446,28 @@ def test_metarec_adapt_with_a_transformer_checkpoint(fitted_transformer, tmp_pat
     for o in out:
         expected = adapter.adapt(streams[o["user"]], user=o["user"]).recommend(4)
         assert o["items"] == expected.items.tolist()
+
+
+def test_epsilon_greedy_exploration(fitted):
+    ckpt, cli = fitted
+    adapter = Adapter.from_checkpoint(ckpt)
+    streams, _ = _test_streams(cli, n=1)
+    user, events = next(iter(streams.items()))
+    session = adapter.adapt(events, user=user)
+    candidates = list(range(40))
+    greedy = session.recommend(5, candidates)
+    same = session.recommend(5, candidates, epsilon=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy.items, same.items)
+    draw = lambda seed, eps: session.recommend(  # noqa: E731
+        5, candidates, epsilon=eps, generator=torch.Generator().manual_seed(seed)).items
+    assert torch.equal(draw(3, 0.5), draw(3, 0.5))  # reproducible
+    shown = torch.stack([draw(s, 1.0) for s in range(400)])
+    assert all(len(set(row.tolist())) == 5 for row in shown)  # never the same item twice
+    counts = torch.bincount(shown.flatten(), minlength=40).float()
+    seen = counts[[c for c in candidates if c not in session._seen.tolist()]]
+    # Pure exploration is uniform over the unseen candidates (2000 draws / ~35 items each).
+    assert seen.min() > 0.4 * seen.mean() and seen.max() < 1.8 * seen.mean()
+    assert not torch.equal(counts.argsort(descending=True)[:5].sort().values,
+                           greedy.items.sort().values)
+    with pytest.raises(ValueError, match="epsilon"):
+        session.recommend(5, epsilon=1.5)

@@ -24,7 +24,7 @@ class _SpySession:
     def __init__(self, log, events):
         self.log, self.revealed = log, [tuple(e) for e in events]
 
-    def recommend(self, k, candidates):
+    def recommend(self, k, candidates, epsilon=0.0, generator=None):
         self.log.append(("recommend", list(self.revealed)))
         shown = torch.as_tensor(candidates)
         seen = {e[0] for e in self.revealed}
@@ -164,5 +164,12 @@ def test_fit_recipe_mode_trains_then_simulates(tmp_path, monkeypatch):
 
 def test_the_movielens_recipe_is_a_valid_config():
     config = load_config(REPO / "recipes" / "movielens-100k" / "simulate-online.yaml")
-    assert [p["name"] for p in config["policies"]] == ["frozen", "finetune", "proximal", "online"]
+    assert [p["label"] for p in config["policies"]] == ["frozen", "finetune", "proximal", "online",
+                                                        "online-explore"]
+    assert config["policies"][-1]["epsilon"] == 0.1
     assert (REPO / config["fit_recipe"]).exists()
+
+
+def test_epsilon_is_validated_per_policy():
+    with pytest.raises(ValueError, match="epsilon must be in"):
+        load_config({"checkpoint": "x.ckpt", "policies": [{"name": "online", "epsilon": 2}]})
