@@ -59,3 +59,28 @@ def test_fit_then_test_from_the_checkpoint_through_the_cli(in_tmp):
                            "--trainer.enable_progress_bar", "false"])
     metrics = cli.trainer.callback_metrics
     assert 0 < float(metrics["test/mae"]) < 2 and "test/step0/ndcg@5" in metrics
+
+
+def test_sweep_configs_name_valid_overrides(in_tmp, monkeypatch):
+    """Every parameter of a shipped W&B sweep is an override the CLI accepts."""
+    import yaml
+
+    root = ml100k_root()
+    if root is None:
+        pytest.skip("MovieLens-100K not found (METAREC_DATA or ../shared/data)")
+    monkeypatch.setenv("METAREC_DATA", str(root.parent))
+    sweeps = sorted((REPO / "recipes" / "sweeps").glob("*.yaml"))
+    assert sweeps
+    for path in sweeps:
+        sweep = yaml.safe_load(path.read_text())
+        config = sweep["command"][sweep["command"].index("--config") + 1]
+        assert sweep["metric"]["name"].startswith("val/")
+        overrides = []
+        for name, spec in sweep["parameters"].items():
+            value = spec["values"][0] if "values" in spec else spec["min"]
+            overrides.append(f"--{name}={value}")
+        cli = MetarecCLI(args=["--config", str(REPO / config), *overrides,
+                               "--trainer.logger", "false"], run=False)
+        lr = sweep["parameters"].get("model.algorithm_args.inner_lr")
+        if lr is not None:  # the override reached the plugin
+            assert cli.model.algorithm.inner_lr == pytest.approx(lr.get("min", lr.get("values", [0])[0]))
