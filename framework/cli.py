@@ -29,6 +29,9 @@ PARSER_DEFAULTS: dict[str, Any] = {
     "trainer.callbacks": [
         {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
         {"class_path": "metarec.callbacks.MetricsSummary"},
+        # Ctrl-C (or any exception) during fit leaves runs/interrupted/on_exception.ckpt.
+        {"class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint",
+         "init_args": {"dirpath": "runs/interrupted"}},
     ],
 }
 

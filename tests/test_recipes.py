@@ -84,3 +84,20 @@ def test_sweep_configs_name_valid_overrides(in_tmp, monkeypatch):
         lr = sweep["parameters"].get("model.algorithm_args.inner_lr")
         if lr is not None:  # the override reached the plugin
             assert cli.model.algorithm.inner_lr == pytest.approx(lr.get("min", lr.get("values", [0])[0]))
+
+
+def test_ctrl_c_during_fit_leaves_a_usable_checkpoint(in_tmp, monkeypatch):
+    """KeyboardInterrupt mid-epoch: Lightning shuts down gracefully and the default callbacks
+    write runs/interrupted/on_exception.ckpt, which `metarec test` then loads."""
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    quick = str(REPO / "recipes" / "quickstart.yaml")
+    # Appended to the default callbacks (which are what is under test).
+    interrupt = "{class_path: helpers.interrupt.InterruptAt, init_args: {step: 3}}"
+    with pytest.raises(SystemExit):  # Lightning exits after its graceful-shutdown handling
+        MetarecCLI(args=["fit", "--config", quick, "--trainer.callbacks+", interrupt,
+                         "--trainer.logger", "false"])
+    ckpt = in_tmp / "runs" / "interrupted" / "on_exception.ckpt"
+    assert ckpt.is_file()
+    cli = MetarecCLI(args=["test", "--config", quick, "--ckpt_path", str(ckpt),
+                           "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+    assert float(cli.trainer.callback_metrics["test/loss"]) > 0
