@@ -29,6 +29,10 @@ PARSER_DEFAULTS: dict[str, Any] = {
     "trainer.callbacks": [
         {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
         {"class_path": "metarec.callbacks.MetricsSummary"},
+        # Lightning adds its own ModelCheckpoint only when none is listed, and the exception
+        # checkpoint below is one: list the regular one explicitly (last.ckpt kept too).
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"save_last": True}},
         # Ctrl-C (or any exception) during fit leaves runs/interrupted/on_exception.ckpt.
         {"class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint",
          "init_args": {"dirpath": "runs/interrupted"}},
@@ -63,14 +67,21 @@ class MetarecCLI(LightningCLI):
         parser.set_defaults(PARSER_DEFAULTS)
 
     def before_instantiate_classes(self) -> None:
-        """``--trainer.enable_progress_bar false`` also drops the default progress bar callback
-        (Lightning refuses a progress-bar callback when the bar is disabled)."""
+        """``--trainer.enable_progress_bar false`` / ``--trainer.enable_checkpointing false`` also
+        drop the default progress-bar / checkpoint callbacks (Lightning refuses them then)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer")
-        if trainer is not None and trainer.get("enable_progress_bar") is False:
-            callbacks = trainer.get("callbacks") or []
-            trainer["callbacks"] = [c for c in callbacks
-                                    if not str(getattr(c, "class_path", c)).endswith("ProgressBar")]
+        if trainer is None:
+            return
+        dropped = []
+        if trainer.get("enable_progress_bar") is False:
+            dropped.append("ProgressBar")
+        if trainer.get("enable_checkpointing") is False:
+            dropped.append("Checkpoint")
+        if dropped:
+            trainer["callbacks"] = [
+                c for c in trainer.get("callbacks") or []
+                if not any(str(getattr(c, "class_path", c)).endswith(d) for d in dropped)]
 
 
 def print_plugins(stream: Any = None) -> None:

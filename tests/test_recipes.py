@@ -101,3 +101,10 @@ def test_ctrl_c_during_fit_leaves_a_usable_checkpoint(in_tmp, monkeypatch):
     cli = MetarecCLI(args=["test", "--config", quick, "--ckpt_path", str(ckpt),
                            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
     assert float(cli.trainer.callback_metrics["test/loss"]) > 0
+
+
+def test_checkpointing_can_be_switched_off_with_the_default_callbacks(in_tmp):
+    MetarecCLI(args=["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"),
+                     "--trainer.max_steps", "2", "--trainer.max_epochs", "1",
+                     "--trainer.enable_checkpointing", "false", "--trainer.logger", "false"])
+    assert not list(in_tmp.rglob("*.ckpt"))
