@@ -70,6 +70,21 @@ def melu_setup(algorithm, n_tasks: int = 4, seed: int = 0):
     return backbone, model, batch
 
 
+def assert_vmap_matches_loop(model, fast, slow, query, per_task) -> None:
+    """Per-task scores from one vmapped call equal a loop of single-task calls, and the
+    per-task fast parameters really matter (otherwise the comparison would be vacuous)."""
+    n = len(next(iter(per_task.values())))
+    batched = model.predict_tasks(per_task, slow, query)
+    assert batched.shape == query["item_id"].shape
+    for t in range(n):
+        single = model.predict({k: v[t] for k, v in per_task.items()}, slow,
+                               {k: v[t] for k, v in query.items()})
+        torch.testing.assert_close(batched[t], single, rtol=1e-10, atol=1e-10)
+    shared = model.predict_tasks({k: v.detach().expand(n, *v.shape) for k, v in fast.items()},
+                                 slow, query)
+    assert (batched - shared).abs().max() > 1e-6
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run in a temporary directory (runs/ and wandb/ files land there)."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import REPO, synthetic_batch, synthetic_setup
+from conftest import REPO, assert_vmap_matches_loop, synthetic_batch, synthetic_setup
 from metarec import FunctionalModel, build, select_parameters
 from metarec.cli import MetarecCLI
 from metarec_plugins.algorithms.maml import MAML
@@ -118,17 +118,7 @@ def test_vmapped_forward_equals_per_task_loop(schema, batch, config):
     backbone = make(schema, config)
     model = functional(backbone)
     fast, slow = model.split()
-    n = len(batch)
-    per_task = perturbed(fast, n)
-    batched = model.predict_tasks(per_task, slow, batch.query)
-    assert batched.shape == batch.query["item_id"].shape
-    for t in range(n):
-        single = model.predict(task(per_task, t), slow, task(batch.query, t))
-        torch.testing.assert_close(batched[t], single, rtol=1e-10, atol=1e-10)
-    # The per-task fast parameters are really used (otherwise the loop check is vacuous).
-    shared = model.predict_tasks({k: v.detach().expand(n, *v.shape) for k, v in fast.items()},
-                                 slow, batch.query)
-    assert (batched - shared).abs().max() > 1e-6
+    assert_vmap_matches_loop(model, fast, slow, batch.query, perturbed(fast, len(batch)))
 
 
 @pytest.mark.parametrize("config", CONFIGS)

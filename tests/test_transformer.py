@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, synthetic_setup
+from conftest import REPO, assert_vmap_matches_loop, synthetic_setup
 from metarec import (
     ENCODED,
     SGD,
@@ -248,14 +248,7 @@ def test_vmapped_forward_equals_per_task_loop(schema, batch):
     g = torch.Generator().manual_seed(1)
     per_task = {k: v.detach() + 0.1 * torch.randn(n, *v.shape, generator=g, dtype=v.dtype)
                 for k, v in fast.items()}
-    batched = model.predict_tasks(per_task, slow, batch.query)
-    assert batched.shape == batch.query["item_id"].shape
-    for t in range(n):
-        single = model.predict(task(per_task, t), slow, task(batch.query, t))
-        torch.testing.assert_close(batched[t], single, rtol=1e-10, atol=1e-10)
-    shared = model.predict_tasks({k: v.detach().expand(n, *v.shape) for k, v in fast.items()},
-                                 slow, batch.query)
-    assert (batched - shared).abs().max() > 1e-6
+    assert_vmap_matches_loop(model, fast, slow, batch.query, per_task)
 
 
 @pytest.mark.parametrize("kwargs,expected", [
