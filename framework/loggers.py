@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
@@ -20,20 +20,50 @@ def wandb_account_configured() -> bool:
     return any("wandb" in host for host in hosts)
 
 
+def resolve_offline(offline: bool | None) -> bool:
+    """``offline=None``: offline unless ``WANDB_MODE=online`` or an account is configured
+    (``WANDB_MODE=offline|dryrun|disabled`` always means offline)."""
+    if offline is not None:
+        return offline
+    mode = os.environ.get("WANDB_MODE", "")
+    return mode in ("offline", "dryrun", "disabled") or (
+        mode != "online" and not wandb_account_configured())
+
+
+def resolve_log_model(offline: bool,
+                      log_model: bool | Literal["all"] | None) -> bool | Literal["all"]:
+    """``log_model=None``: checkpoints become model artifacts when online, not when offline."""
+    return (not offline) if log_model is None else log_model
+
+
 class WandbLogger(_LightningWandbLogger):
-    """Lightning's WandbLogger, offline by default when no W&B account is configured.
+    """Lightning's WandbLogger, offline by default when no W&B account is configured, logging
+    checkpoints as W&B model artifacts when online.
 
     ``offline=None`` (the default) picks offline mode unless ``WANDB_MODE`` says otherwise or
     an account is configured; offline runs write ``wandb/offline-run-*/run-*.wandb`` under
     ``save_dir`` and can be uploaded later with ``wandb sync``.
+
+    ``log_model`` is Lightning's (``True``: the ModelCheckpoint files at the end of a
+    successful fit; ``"all"``: every checkpoint as it is saved; ``False``: none), with
+    ``None`` (the default) meaning ``True`` online and ``False`` offline. Lightning refuses
+    ``log_model`` with ``offline=True``; this class accepts it, because W&B does log artifacts
+    offline: the run file gets an artifact record (type ``model``, the checkpoint as
+    ``model.ckpt``) and the checkpoint is copied into W&B's staging folder
+    (``$WANDB_DATA_DIR/artifacts/staging``, by default ``~/.local/share/wandb``), and
+    ``wandb sync`` uploads it later. It is off by default offline because that copy lives
+    outside ``save_dir`` (a run folder synced from another machine loses its artifacts) and
+    grows with every checkpoint of runs that may never be synced.
     """
 
-    def __init__(self, *args: Any, offline: bool | None = None, **kwargs: Any) -> None:
-        if offline is None:
-            mode = os.environ.get("WANDB_MODE", "")
-            offline = mode in ("offline", "dryrun", "disabled") or (
-                mode != "online" and not wandb_account_configured())
+    def __init__(self, *args: Any, offline: bool | None = None,
+                 log_model: bool | Literal["all"] | None = None, **kwargs: Any) -> None:
+        offline = resolve_offline(offline)
         if os.environ.get("WANDB_MODE") == "disabled":
             kwargs.setdefault("mode", "disabled")  # no run files at all
-        kwargs.setdefault("project", "metarec")
-        super().__init__(*args, offline=offline, **kwargs)
+        # (a CLI passes project=None explicitly: setdefault would keep it)
+        kwargs["project"] = (kwargs.get("project") or os.environ.get("WANDB_PROJECT")
+                             or "metarec")
+        # Lightning raises on offline + log_model: pass False, then set the resolved value.
+        super().__init__(*args, offline=offline, log_model=False, **kwargs)
+        self._log_model = resolve_log_model(offline, log_model)
