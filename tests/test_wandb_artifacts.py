@@ -66,6 +66,8 @@ def test_offline_run_records_checkpoint_artifact(in_tmp, monkeypatch):
                   if type(c).__name__ == "ModelCheckpoint"]
     saved = {Path(ckpt_cb.best_model_path).resolve(), Path(ckpt_cb.last_model_path).resolve()}
     assert all(p.is_file() for p in saved)
+    # The W&B project ("metarec", which the CLI used to lose) names the checkpoint folder.
+    assert Path(ckpt_cb.dirpath).resolve().parent.parent == (in_tmp / "runs" / "metarec").resolve()
     wandb.finish()  # flush the run file (a CLI process does this at exit)
     (run_file,) = (in_tmp / "runs" / "wandb").glob("offline-run-*/run-*.wandb")
     deadline = time.monotonic() + 60
