@@ -40,6 +40,15 @@ PARSER_DEFAULTS: dict[str, Any] = {
 }
 
 
+def resolved_recipe(parser: Any, config: Any) -> dict[str, Any]:
+    """The recipe as resolved (config files, overrides and defaults), a plain dict without the
+    ``config`` and ``ckpt_path`` arguments: what ``metarec fit --config`` would rerun."""
+    recipe = yaml.safe_load(parser.dump(config, skip_none=False))
+    recipe.pop("config", None)
+    recipe.pop("ckpt_path", None)
+    return recipe
+
+
 class RecipeToLoggers(SaveConfigCallback):
     """Saves the resolved recipe beside the logs and records it as every logger's config."""
 
@@ -61,6 +70,12 @@ class MetarecCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", RecipeToLoggers)
         super().__init__(MetaLearner, EpisodeDataModule, args=args, run=run,
                          auto_configure_optimizers=False, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # The resolved recipe travels in every checkpoint (MetaLearner.on_save_checkpoint).
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.model.metarec_recipe = resolved_recipe(self._parser(self.subcommand), config)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.schema", "model.schema", apply_on="instantiate")

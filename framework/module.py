@@ -196,7 +196,11 @@ class MetaLearner(pl.LightningModule):
         """Store what deployment needs beside the weights (``checkpoint["metarec_data"]``): the
         user and item feature tables and the raw id keys of the datamodule's interaction table,
         and its ``history_length``, so that :class:`metarec.Adapter` needs nothing but the
-        checkpoint."""
+        checkpoint. Under the CLI, also the resolved recipe (``checkpoint["metarec_recipe"]``,
+        a plain dict: ``metarec fit --config`` on it rebuilds the model and the task split)."""
+        recipe = getattr(self, "metarec_recipe", None)
+        if recipe is not None:
+            checkpoint["metarec_recipe"] = recipe
         datamodule = getattr(self._trainer, "datamodule", None)
         table = getattr(datamodule, "table", None)
         if table is None:
