@@ -41,11 +41,12 @@ PARSER_DEFAULTS: dict[str, Any] = {
 
 
 def resolved_recipe(parser: Any, config: Any) -> dict[str, Any]:
-    """The recipe as resolved (config files, overrides and defaults), a plain dict without the
-    ``config`` and ``ckpt_path`` arguments: what ``metarec fit --config`` would rerun."""
+    """The recipe as resolved (config files, overrides and defaults), a plain dict without
+    ``config`` and the subcommand's own arguments (``ckpt_path``, ``weights_only``): what
+    ``metarec fit --config`` (or any other subcommand) would rerun."""
     recipe = yaml.safe_load(parser.dump(config, skip_none=False))
-    recipe.pop("config", None)
-    recipe.pop("ckpt_path", None)
+    for key in ("config", "ckpt_path", "weights_only"):
+        recipe.pop(key, None)
     return recipe
 
 
