@@ -16,6 +16,36 @@ import numpy as np
 from metarec import Dataset, Feature, FeatureSpec, InteractionTable
 
 
+# Above this many (user, item) cells, distinct items are drawn by rejection instead of by
+# sorting a random key per cell (which needs num_users x num_items memory).
+_DENSE_DRAW_CELLS = 20_000_000
+
+
+def _distinct_items(rng: np.random.Generator, counts: np.ndarray, num_items: int) -> np.ndarray:
+    """``counts[u]`` distinct random items for every user ``u``, concatenated user by user.
+
+    Small catalogues: the first ``counts[u]`` entries of a random permutation per user (one
+    ``num_users x num_items`` argsort). Large catalogues (e.g. a million items): draw with
+    replacement, then redraw only the entries that repeat an item of the same user, until
+    none do; memory is O(interactions), and since a user rates a tiny fraction of a large
+    catalogue, a round or two suffices.
+    """
+    n_u = len(counts)
+    if n_u * num_items <= _DENSE_DRAW_CELLS:
+        keys = rng.random((n_u, num_items)).argsort(axis=1)
+        return keys[np.arange(num_items)[None, :] < counts[:, None]]
+    users = np.repeat(np.arange(n_u, dtype=np.int64), counts)
+    items = rng.integers(0, num_items, len(users))
+    while True:
+        order = np.lexsort((items, users))
+        pair = users[order] * num_items + items[order]
+        repeat = np.zeros(len(users), dtype=bool)
+        repeat[order[1:]] = pair[1:] == pair[:-1]
+        if not repeat.any():
+            return items
+        items[repeat] = rng.integers(0, num_items, int(repeat.sum()))
+
+
 class SyntheticDataset(Dataset):
     """Seeded synthetic ratings from taste clusters (see module docstring).
 
@@ -67,8 +97,7 @@ class SyntheticDataset(Dataset):
         # Interactions: each user rates a random subset of items over time.
         counts = rng.integers(self.min_interactions, self.max_interactions + 1, n_u)
         users = np.repeat(np.arange(n_u), counts)
-        keys = rng.random((n_u, n_i)).argsort(axis=1)
-        items = keys[np.arange(n_i)[None, :] < counts[:, None]]  # first counts[u] of a random order
+        items = _distinct_items(rng, counts, n_i)
         score = 3.0 + 1.5 * np.einsum("nd,nd->n", u[users], v[items]) + item_bias[items]
         ratings = np.clip(np.rint(score + rng.normal(0, self.noise, len(users))), 1, 5)
         timestamps = 1_000_000 + np.cumsum(rng.integers(1, 100, len(users)))
