@@ -10,6 +10,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from metarec import registry
+from metarec.data.tasks import TaskConfig
 from metarec.datamodule import EpisodeDataModule
 from metarec.module import MetaLearner
 
@@ -83,9 +84,15 @@ class MetarecCLI(LightningCLI):
         parser.set_defaults(PARSER_DEFAULTS)
 
     def before_instantiate_classes(self) -> None:
-        """``--trainer.enable_progress_bar false`` / ``--trainer.enable_checkpointing false`` also
+        """Check the recipe before anything is built (see :func:`validate_recipe`), then make
+        ``--trainer.enable_progress_bar false`` / ``--trainer.enable_checkpointing false`` also
         drop the default progress-bar / checkpoint callbacks (Lightning refuses them then)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        problems = validate_recipe(config)
+        if problems:
+            # Reported as jsonargparse reports a parse error: usage, message, exit status 2.
+            self._parser(self.subcommand).error(
+                "invalid recipe:\n  " + "\n  ".join(problems))
         trainer = config.get("trainer")
         if trainer is None:
             return
@@ -98,6 +105,48 @@ class MetarecCLI(LightningCLI):
             trainer["callbacks"] = [
                 c for c in trainer.get("callbacks") or []
                 if not any(str(getattr(c, "class_path", c)).endswith(d) for d in dropped)]
+
+
+# (section, plugin key, registry kind): the plugin choices a recipe makes.
+PLUGIN_KEYS = (("model", "backbone", "backbones"), ("model", "algorithm", "algorithms"),
+               ("model", "policy", "policies"), ("data", "dataset", "datasets"))
+
+
+def validate_recipe(config: Any) -> list[str]:
+    """What is wrong with a parsed recipe (one line each, naming the key), before instantiation.
+
+    jsonargparse has already checked what the signatures of MetaLearner, EpisodeDataModule and
+    ``data.tasks`` (:class:`~metarec.data.tasks.TaskConfig`) type. This adds what it cannot see:
+    the plugin argument dicts (``model.algorithm_args`` and the others, checked against the
+    plugin's signature by :func:`metarec.registry.validate_args`), the rules that span several
+    ``data.tasks`` fields, and ``model.optimizer``'s ``lr > 0``. Nothing is instantiated.
+    """
+    problems: list[str] = []
+    for section, field, kind in PLUGIN_KEYS:
+        part = config.get(section)
+        name = part.get(field) if part is not None else None
+        if name is None:
+            continue
+        try:
+            registry.validate_args(kind, name, part.get(f"{field}_args"),
+                                   key=f"{section}.{field}_args")
+        except registry.PluginArgumentError as err:
+            problems.extend(str(err).splitlines())
+        except registry.PluginError as err:
+            problems.append(f"{section}.{field}: {err}")
+    tasks = config.get("data.tasks") if config.get("data") is not None else None
+    if tasks is not None:
+        try:
+            TaskConfig(**(tasks.as_dict() if hasattr(tasks, "as_dict") else dict(tasks)))
+        except (TypeError, ValueError) as err:
+            problems.append(f"data.tasks: {err}")
+    optimizer = config.get("model.optimizer") if config.get("model") is not None else None
+    init_args = getattr(optimizer, "init_args", None)
+    lr = init_args.get("lr") if init_args is not None else None
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and not lr > 0:
+        problems.append(f"model.optimizer.init_args.lr = {lr!r} is invalid for the outer "
+                        f"optimizer {optimizer.class_path}: must be > 0")
+    return problems
 
 
 def print_plugins(stream: Any = None) -> None:

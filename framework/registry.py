@@ -10,9 +10,13 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import operator
+import re
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
 GROUPS: dict[str, str] = {
     "backbones": "metarec.backbones",
@@ -26,8 +30,16 @@ SINGULAR = {"backbones": "backbone", "algorithms": "algorithm", "policies": "pol
             "datasets": "dataset"}
 
 
+# Arguments the framework passes to plugins of a kind itself (see MetaLearner): never recipe keys.
+CONTEXT_ARGS: dict[str, tuple[str, ...]] = {"backbones": ("schema",)}
+
+
 class PluginError(LookupError):
     """A plugin could not be found, loaded or configured."""
+
+
+class PluginArgumentError(PluginError, ValueError):
+    """A recipe gives a plugin an unknown, missing, mistyped or out-of-range argument."""
 
 
 @dataclass(frozen=True)
@@ -130,3 +142,180 @@ def build(kind: str, name: str | type, args: dict[str, Any] | None = None, **con
         return cls(**args, **context)
     except (TypeError, ValueError) as err:
         raise PluginError(f"{SINGULAR[kind]} {name!r}: {err}") from err
+
+
+def describe(kind: str, name: str | type) -> str:
+    """``algorithm 'maml' (metarec_plugins.algorithms.maml:MAML)``: how errors name a plugin."""
+    cls = resolve(kind, name)
+    if isinstance(name, type):
+        return f"{SINGULAR[kind]} {name.__name__!r} ({name.__module__}:{name.__qualname__})"
+    eps = _entry_points(kind).get(str(name))
+    target = eps[0].value if eps else f"{cls.__module__}:{cls.__qualname__}"
+    return f"{SINGULAR[kind]} {str(name)!r} ({target})"
+
+
+def validate_args(kind: str, name: str | type, args: Mapping[str, Any] | None,
+                  key: str | None = None) -> None:
+    """Check recipe ``args`` against the signature of a plugin, without instantiating it.
+
+    The plugin class is resolved (imported) but not built. Rejected, with one line per problem
+    naming ``key.<argument>``, the plugin, the value and the rule: unknown argument names (unless
+    the plugin takes ``**kwargs``; the accepted ones are listed), missing required arguments,
+    arguments the framework provides itself (:data:`CONTEXT_ARGS`), values of the wrong type
+    and values out of the range that a ``jsonargparse.typing`` restricted type in the signature
+    declares (``inner_lr: PositiveFloat``, ``inner_steps: NonNegativeInt``, ...).
+
+    Types are checked the way the CLI checks its own arguments (jsonargparse), and only where
+    the plugin annotates them; a value is never changed. The constructors keep their own
+    checks (for direct Python use, and for rules that span several arguments).
+
+    Raises:
+        PluginError: the plugin cannot be resolved.
+        PluginArgumentError: the arguments are not valid (every problem is listed).
+    """
+    key = key or f"{SINGULAR.get(kind, kind)}_args"
+    cls = resolve(kind, name)
+    plugin = describe(kind, name)
+    args = dict(args or {})
+    params = dict(inspect.signature(cls).parameters)
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    context = set(CONTEXT_ARGS.get(kind, ()))
+    named = {n: p for n, p in params.items() if n not in context and p.kind not in
+             (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    hints = _hints(cls)
+    problems = []
+    for arg in args:
+        if arg in context:
+            problems.append(f"{key}.{arg}: {plugin} gets {arg!r} from the framework; remove it "
+                            "from the recipe")
+        elif arg not in named and not takes_kwargs:
+            problems.append(f"{key}.{arg}: {plugin} has no argument {arg!r}; it accepts "
+                            f"{', '.join(named) or 'no arguments'}")
+    for arg, param in named.items():
+        if param.default is inspect.Parameter.empty and arg not in args:
+            problems.append(f"{key}.{arg}: {plugin} requires {arg!r} and the recipe does not "
+                            "set it")
+    for arg, value in args.items():
+        if arg in named and arg in hints:
+            # `x: int = None` admits None too (an implicit Optional).
+            reason = None if value is None and named[arg].default is None \
+                else _check_value(hints[arg], value)
+            if reason:
+                problems.append(f"{key}.{arg} = {value!r} is invalid for {plugin}: {reason}")
+    if problems:
+        raise PluginArgumentError("\n".join(problems))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The evaluated parameter annotations of ``cls`` (none where they cannot be evaluated)."""
+    try:
+        params = inspect.signature(cls, eval_str=True).parameters
+    except Exception:  # noqa: BLE001 - e.g. a name imported under TYPE_CHECKING only
+        return {}
+    return {n: p.annotation for n, p in params.items() if p.annotation is not p.empty}
+
+
+_SYMBOLS = {operator.gt: ">", operator.ge: ">=", operator.lt: "<", operator.le: "<=",
+            operator.eq: "==", operator.ne: "!="}
+
+
+def _restriction(hint: Any) -> str | None:
+    """``int >= 0`` for a jsonargparse restricted number type, else None."""
+    restrictions = getattr(hint, "_restrictions", None)
+    if not isinstance(hint, type) or restrictions is None:
+        return None
+    join = f" {getattr(hint, '_join', 'and')} "
+    base = getattr(hint, "_type", float).__name__
+    return base + " " + join.join(f"{_SYMBOLS.get(op, op)} {ref}" for op, ref in restrictions)
+
+
+def _relax(hint: Any) -> Any:
+    """``hint`` with every restricted number type replaced by its base type."""
+    if _restriction(hint) is not None:
+        return hint._type
+    origin, inner = get_origin(hint), get_args(hint)
+    if not inner or origin is Literal:
+        return hint
+    relaxed = tuple(_relax(a) for a in inner)
+    if relaxed == inner:
+        return hint
+    if origin in (Union, types.UnionType):
+        return Union[relaxed]  # noqa: UP007 - built from a tuple
+    try:
+        return origin[relaxed]
+    except TypeError:
+        return hint
+
+
+def _admits_str(hint: Any) -> bool:
+    if hint in (str, Any):
+        return True
+    return get_origin(hint) in (Union, types.UnionType) and any(map(_admits_str, get_args(hint)))
+
+
+def _admits_none(hint: Any) -> bool:
+    if hint in (None, type(None), Any):
+        return True
+    return get_origin(hint) in (Union, types.UnionType) and any(map(_admits_none, get_args(hint)))
+
+
+def _type_error(hint: Any, value: Any) -> str | None:
+    """Why jsonargparse rejects ``value`` for ``hint`` (None: accepted, or not checkable)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    try:
+        parser.add_argument("--value", type=hint)
+    except Exception:  # noqa: BLE001 - a type jsonargparse cannot check: leave it to the plugin
+        return None
+    try:
+        parsed = parser.parse_object({"value": value}).value
+    except Exception as err:  # noqa: BLE001 - jsonargparse's ArgumentError
+        return str(err) or type(err).__name__
+    # jsonargparse would read "3" as 3, but the plugin would get the string: a type error.
+    if isinstance(value, str) and not isinstance(parsed, str) and not _admits_str(hint):
+        return "a string"
+    return None
+
+
+def _element_error(message: str) -> str:
+    """`` (str expected, got 0)`` from jsonargparse's message about a container's content."""
+    for line in message.splitlines():
+        found = re.search(r"Expected (.+?)\.? Got value: (.*)$", line.strip())
+        if found:
+            expected = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", found.group(1))
+            return f" ({expected.removeprefix('a ')} expected, got {found.group(2)})"
+    return ""
+
+
+def _type_name(hint: Any) -> str:
+    """``int | None``, ``tuple[float, float]``: a type hint as a recipe writer reads it."""
+    origin, inner = get_origin(hint), get_args(hint)
+    if hint is type(None):
+        return "None"
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in inner)
+    if isinstance(hint, type) and not inner:
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
+
+
+def _check_value(hint: Any, value: Any) -> str | None:
+    """None if ``value`` satisfies ``hint``, else the rule it breaks, in words."""
+    relaxed = _relax(hint)
+    error = _type_error(relaxed, value)
+    if value is None and not _admits_none(relaxed):
+        error = "null"  # jsonargparse lets None through for any type
+    if error is not None:
+        got = ("null" if value is None else "a string" if isinstance(value, str)
+               else type(value).__name__)
+        detail = _element_error(error) if isinstance(value, (list, tuple, dict)) else ""
+        return f"expected {_type_name(relaxed)}, got {got}{detail}"
+    if relaxed is hint or _type_error(hint, value) is None:
+        return None
+    rules = [_restriction(h) for h in (hint, *get_args(hint)) if _restriction(h)]
+    nullable = type(None) in get_args(hint)
+    if len(rules) == 1:
+        return f"must be {'an' if rules[0].startswith('int') else 'a'} {rules[0]}" + \
+            (" (or null)" if nullable else "")
+    return f"out of range for {_type_name(hint)}"

@@ -55,8 +55,8 @@ class InteractionTable:
     source: str = "<table>"
 
     def __post_init__(self) -> None:
-        self.users = np.asarray(self.users, dtype=np.int64)
-        self.items = np.asarray(self.items, dtype=np.int64)
+        self.users = _integer_ids(self.users, "users", self.num_users, self.source)
+        self.items = _integer_ids(self.items, "items", self.num_items, self.source)
         self.labels = np.asarray(self.labels, dtype=np.float32)
         self.timestamps = np.asarray(self.timestamps, dtype=np.int64)
         n = len(self.users)
@@ -64,10 +64,6 @@ class InteractionTable:
             if len(getattr(self, name)) != n:
                 raise DataError(f"column {name!r} has {len(getattr(self, name))} rows, users has {n}",
                                 source=self.source)
-        for name, bound in (("users", self.num_users), ("items", self.num_items)):
-            col = getattr(self, name)
-            if n and (col.min() < 0 or col.max() >= bound):
-                raise DataError(f"ids must lie in [0, {bound})", source=self.source, field=name)
         if not np.isfinite(self.labels).all():
             row = int(np.flatnonzero(~np.isfinite(self.labels))[0])
             raise DataError(f"label is not finite at row {row}", source=self.source, field="label")
@@ -85,6 +81,45 @@ class InteractionTable:
     def schema(self) -> DataSchema:
         specs = tuple(f.spec for f in self.user_features + self.item_features)
         return DataSchema(self.num_users, self.num_items, specs, self.feedback, self.rating_range)
+
+
+def _integer_ids(values: object, name: str, bound: int, source: str) -> np.ndarray:
+    """``values`` as int64 contiguous ids in ``[0, bound)``; else a :class:`DataError` naming
+    the column, the first bad row and its value (never a silent truncation of ``1.5`` to 1)."""
+    raw = np.asarray(values)
+    if raw.ndim != 1:
+        raise DataError(f"ids must be a one-dimensional column, got shape {raw.shape}",
+                        source=source, field=name)
+    if raw.dtype.kind in "iu":
+        ids = raw.astype(np.int64)
+    else:
+        if raw.dtype.kind == "f":
+            numeric = raw.astype(np.float64)
+        else:  # strings, objects, bools: each value must be a number (a bool is not an id)
+            numeric = np.array([_as_float(v) for v in raw.tolist()], dtype=np.float64)
+        bad = ~np.isfinite(numeric) | (numeric != np.round(numeric))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(f"id {raw.tolist()[row]!r} at row {row} is not an integer "
+                            f"({int(bad.sum())} such row(s)); ids must be integers in "
+                            f"[0, {bound})", source=source, field=name)
+        ids = numeric.astype(np.int64)
+    bad = (ids < 0) | (ids >= bound)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        why = "negative" if ids[row] < 0 else f"not below num_{name} = {bound}"
+        raise DataError(f"id {int(ids[row])} at row {row} is {why} ({int(bad.sum())} such "
+                        f"row(s)); ids must lie in [0, {bound})", source=source, field=name)
+    return ids
+
+
+def _as_float(value: object) -> float:
+    if isinstance(value, bool):
+        return float("nan")
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return float("nan")
 
 
 def encode_ids(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

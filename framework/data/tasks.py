@@ -11,6 +11,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from metarec.data.errors import DataError
 from metarec.data.table import InteractionTable
@@ -26,17 +27,24 @@ class TaskConfig:
     interactions drawn at random once per user, support = the rest, users split 8:1:1.
     """
 
-    min_interactions: int = 13
-    max_interactions: int = 100
-    query_size: int = 10
+    min_interactions: PositiveInt = 13
+    max_interactions: PositiveInt = 100
+    query_size: PositiveInt = 10
     query_strategy: Literal["random", "latest"] = "random"
-    max_support: int | None = None
+    max_support: PositiveInt | None = None
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     feedback: Literal["explicit", "implicit"] | None = None
     positive_threshold: float | None = None
-    negatives_per_positive: int = 1
+    negatives_per_positive: NonNegativeInt = 1
 
     def __post_init__(self) -> None:
+        # The CLI builds this from jsonargparse, which passes the restricted annotations on as
+        # int subclasses (PositiveInt(10)): store plain ints.
+        for name in ("min_interactions", "max_interactions", "query_size", "max_support",
+                     "negatives_per_positive"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and type(value) is not int:
+                setattr(self, name, int(value))
         if self.query_size < 1:
             raise ValueError(f"tasks.query_size must be >= 1, got {self.query_size}")
         if self.min_interactions <= self.query_size:

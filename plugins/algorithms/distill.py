@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveFloat
 from torch.func import vmap
 
 from metarec import (
@@ -48,8 +49,10 @@ class Distill(MAML):
     """
 
     def __init__(self, teacher_checkpoint: str, teacher_recipe: str | None = None,
-                 teacher_overrides: list[str] | None = None, weight: float = 0.5, temperature: float = 1.0, inner_steps: int = 5,
-                 inner_lr: float = 0.01, first_order: bool = False, learn_inner_lr: bool = False,
+                 teacher_overrides: list[str | int | float] | None = None,
+                 weight: ClosedUnitInterval = 0.5,
+                 temperature: PositiveFloat = 1.0, inner_steps: NonNegativeInt = 5,
+                 inner_lr: PositiveFloat = 0.01, first_order: bool = False, learn_inner_lr: bool = False,
                  fast_parameters: Sequence[str] | None = None) -> None:
         super().__init__(inner_steps, inner_lr, first_order=first_order,
                          learn_inner_lr=learn_inner_lr, fast_parameters=fast_parameters)

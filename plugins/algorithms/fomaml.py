@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from jsonargparse.typing import NonNegativeInt, PositiveFloat
+
 from metarec_plugins.algorithms.maml import MAML
 
 
 class FOMAML(MAML):
     """MAML with ``first_order=True``; same arguments otherwise."""
 
-    def __init__(self, inner_steps: int = 5, inner_lr: float = 0.01, learn_inner_lr: bool = False,
+    def __init__(self, inner_steps: NonNegativeInt = 5, inner_lr: PositiveFloat = 0.01,
+                 learn_inner_lr: bool = False,
                  fast_parameters: Sequence[str] | None = None) -> None:
         super().__init__(inner_steps, inner_lr, first_order=True, learn_inner_lr=learn_inner_lr,
                          fast_parameters=fast_parameters)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveFloat
 from torch import nn
 
 from metarec import SGD, EpisodeBatch, FunctionalModel, InnerOptimizer, MetaAlgorithm
@@ -58,8 +59,9 @@ class L2L(MetaAlgorithm):
         fast_parameters: patterns overriding the backbone's fast parameters.
     """
 
-    def __init__(self, method: Literal["maml", "metasgd"] = "maml", inner_steps: int = 5,
-                 inner_lr: float = 0.01, first_order: bool = False,
+    def __init__(self, method: Literal["maml", "metasgd"] = "maml",
+                 inner_steps: NonNegativeInt = 5, inner_lr: PositiveFloat = 0.01,
+                 first_order: bool = False,
                  fast_parameters: Sequence[str] | None = None) -> None:
         super().__init__(inner_steps, inner_lr, fast_parameters)
         if method not in ("maml", "metasgd"):

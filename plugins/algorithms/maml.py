@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveFloat
 from torch import nn
 from torch.func import vmap
 
@@ -32,7 +33,8 @@ class MAML(MetaAlgorithm):
         fast_parameters: patterns overriding the backbone's fast parameters.
     """
 
-    def __init__(self, inner_steps: int = 5, inner_lr: float = 0.01, first_order: bool = False,
+    def __init__(self, inner_steps: NonNegativeInt = 5, inner_lr: PositiveFloat = 0.01,
+                 first_order: bool = False,
                  learn_inner_lr: bool = False,
                  fast_parameters: Sequence[str] | None = None) -> None:
         super().__init__(inner_steps, inner_lr, fast_parameters)

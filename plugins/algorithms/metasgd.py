@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveFloat
 from torch import nn
 
 from metarec import SGD, FunctionalModel, InnerOptimizer
@@ -28,7 +29,8 @@ class MetaSGD(MAML):
         fast_parameters: patterns overriding the backbone's fast parameters.
     """
 
-    def __init__(self, inner_steps: int = 1, inner_lr: float = 0.01, first_order: bool = False,
+    def __init__(self, inner_steps: NonNegativeInt = 1, inner_lr: PositiveFloat = 0.01,
+                 first_order: bool = False,
                  fast_parameters: Sequence[str] | None = None) -> None:
         super().__init__(inner_steps, inner_lr, first_order=first_order,
                          fast_parameters=fast_parameters)

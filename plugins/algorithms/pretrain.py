@@ -8,13 +8,20 @@ MAML isolates what meta-learning the initialisation adds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveFloat
 
 from metarec import EpisodeBatch, FunctionalModel, MetaAlgorithm, masked_loss
 
 
 class Pretrain(MetaAlgorithm):
     """Supervised pretraining. ``inner_steps``/``inner_lr`` only set the default fine-tuning."""
+
+    def __init__(self, inner_steps: NonNegativeInt = 5, inner_lr: PositiveFloat = 0.01,
+                 fast_parameters: Sequence[str] | None = None) -> None:
+        super().__init__(inner_steps, inner_lr, fast_parameters)
 
     def outer_loss(self, model: FunctionalModel,
                    batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

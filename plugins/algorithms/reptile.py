@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveFloat
 from torch.func import vmap
 
 from metarec import SGD, Adam, EpisodeBatch, FunctionalModel, InnerOptimizer, MetaAlgorithm
@@ -38,7 +39,7 @@ class Reptile(MetaAlgorithm):
         fast_parameters: patterns overriding the backbone's fast parameters (``["*"]``: all).
     """
 
-    def __init__(self, inner_steps: int = 5, inner_lr: float = 0.01,
+    def __init__(self, inner_steps: NonNegativeInt = 5, inner_lr: PositiveFloat = 0.01,
                  inner_optimizer: Literal["sgd", "adam"] = "sgd",
                  adam_betas: tuple[float, float] = (0.0, 0.999),
                  fast_parameters: Sequence[str] | None = None) -> None:

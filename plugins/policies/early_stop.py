@@ -23,9 +23,20 @@ from __future__ import annotations
 import math
 
 import torch
+from jsonargparse.typing import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    restricted_number_type,
+)
 from torch.func import grad, grad_and_value, vmap
 
 from metarec import SGD, AdaptationPolicy, FeatureBatch, FunctionalModel, MetaAlgorithm, Params
+
+# target_ratio: a float in [0, 1) (the same registered type in every policy using it).
+UnitFraction = restricted_number_type("UnitFraction", float, [(">=", 0.0), ("<", 1.0)],
+                                      docstring="float restricted to be >=0 and <1")
 
 
 class EarlyStop(AdaptationPolicy):
@@ -44,9 +55,9 @@ class EarlyStop(AdaptationPolicy):
             the ratio is always measured on the plain support loss.
     """
 
-    def __init__(self, max_steps: int = 20, target_ratio: float | None = 0.5,
-                 patience: int | None = 3, min_delta: float = 0.0,
-                 lr: float | None = None) -> None:
+    def __init__(self, max_steps: NonNegativeInt = 20, target_ratio: UnitFraction | None = 0.5,
+                 patience: PositiveInt | None = 3, min_delta: NonNegativeFloat = 0.0,
+                 lr: PositiveFloat | None = None) -> None:
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
             raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
         if target_ratio is not None and not (math.isfinite(target_ratio)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jsonargparse.typing import NonNegativeInt, PositiveFloat
 from torch.func import vmap
 
 from metarec import (
@@ -25,7 +26,8 @@ class FineTune(AdaptationPolicy):
             adapts exactly as meta-training did. The inner objective is always the algorithm's.
     """
 
-    def __init__(self, steps: int | None = None, lr: float | None = None) -> None:
+    def __init__(self, steps: NonNegativeInt | None = None,
+                 lr: PositiveFloat | None = None) -> None:
         if steps is not None and steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         if lr is not None and lr <= 0:

@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 import torch
+from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
 from torch.func import grad, vmap
 
 from metarec import (
@@ -34,6 +35,10 @@ from metarec import (
     Objective,
     Params,
 )
+
+# alpha / target_ratio: a float in [0, 1) (the same registered type in every policy using it).
+UnitFraction = restricted_number_type("UnitFraction", float, [(">=", 0.0), ("<", 1.0)],
+                                      docstring="float restricted to be >=0 and <1")
 
 
 def _int(name: str, value: Any, minimum: int) -> int:
@@ -60,9 +65,9 @@ class Online(AdaptationPolicy):
             At least 1, so that step 0 is the meta-learned start as for every policy.
     """
 
-    def __init__(self, events_per_update: int = 1, buffer_size: int = 20,
-                 steps_per_update: int = 1, lr: float | None = None, alpha: float = 0.0,
-                 max_steps: int = 20) -> None:
+    def __init__(self, events_per_update: PositiveInt = 1, buffer_size: PositiveInt = 20,
+                 steps_per_update: PositiveInt = 1, lr: PositiveFloat | None = None,
+                 alpha: UnitFraction = 0.0, max_steps: PositiveInt = 20) -> None:
         self.events_per_update = _int("events_per_update", events_per_update, 1)
         self.buffer_size = _int("buffer_size", buffer_size, 1)
         if buffer_size < events_per_update:

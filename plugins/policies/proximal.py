@@ -13,8 +13,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, restricted_number_type
+
 from metarec import InnerOptimizer, Params
 from metarec_plugins.policies.finetune import FineTune
+
+# alpha / target_ratio: a float in [0, 1) (the same registered type in every policy using it).
+UnitFraction = restricted_number_type("UnitFraction", float, [(">=", 0.0), ("<", 1.0)],
+                                      docstring="float restricted to be >=0 and <1")
 
 
 class ProximalStep(InnerOptimizer):
@@ -56,8 +62,8 @@ class Proximal(FineTune):
             ``lr * max|grad| / alpha`` however many steps are taken.
     """
 
-    def __init__(self, steps: int | None = None, lr: float | None = None,
-                 alpha: float = 0.1) -> None:
+    def __init__(self, steps: NonNegativeInt | None = None, lr: PositiveFloat | None = None,
+                 alpha: UnitFraction = 0.1) -> None:
         super().__init__(steps, lr)
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0 <= alpha < 1):
             raise ValueError(f"alpha must be in [0, 1) (0 = finetune; alpha >= 1 would pull onto "
