@@ -121,6 +121,10 @@ class Transformer(Backbone):
             become the fast parameters (all base weights slow).
         lora_alpha: adapter scale numerator (default: the rank).
         lora_targets: ``fnmatch`` patterns of the linear layers to adapt.
+        sparse_item_gradients: give the item-id table a sparse gradient (only the rows a
+            batch reads), for large vocabularies; the outer optimiser must accept sparse
+            gradients (``metarec.optim.LazyAdam``; ``torch.optim.Adam`` does not), and
+            gradient clipping by norm does not apply to them.
     """
 
     needs_history = True
@@ -130,7 +134,8 @@ class Transformer(Backbone):
                  scorer_hidden: Sequence[int] = (64,), max_positions: int = 128,
                  use_item_features: bool = True, use_user_features: bool = True,
                  lora_rank: int | None = None, lora_alpha: float | None = None,
-                 lora_targets: Sequence[str] = ("scorer.*", "output")) -> None:
+                 lora_targets: Sequence[str] = ("scorer.*", "output"),
+                 sparse_item_gradients: bool = False) -> None:
         super().__init__(schema)
         if dim < 1 or layers < 0 or heads < 1 or dim % heads:
             raise ValueError(f"need dim >= 1, layers >= 0 and heads dividing dim; got dim={dim}, "
@@ -138,7 +143,7 @@ class Transformer(Backbone):
         if not 0.0 <= dropout < 1.0 or max_positions < 1 or min([*scorer_hidden, 1]) < 1:
             raise ValueError("need 0 <= dropout < 1, max_positions >= 1, scorer widths >= 1")
         self.dim, self.max_positions = dim, max_positions
-        self.item_embedding = nn.Embedding(schema.num_items, dim)
+        self.item_embedding = nn.Embedding(schema.num_items, dim, sparse=sparse_item_gradients)
         self.item_features = FeatureEmbeddings(schema.of("item") if use_item_features else [],
                                                dim)
         self.user_features = FeatureEmbeddings(schema.of("user") if use_user_features else [],

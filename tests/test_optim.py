@@ -1,0 +1,93 @@
+"""LazyAdam: dense Adam on dense gradients, lazy (row-wise) Adam on sparse ones; and the
+transformer's sparse item-table gradient equals the dense one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from metarec.optim import LazyAdam
+from tests.test_transformer import batch, functional, make, schema, setup  # noqa: F401
+
+
+def _run(model_fn, opt_fn, steps=6, seed=0, rows=None):
+    torch.manual_seed(seed)
+    model = model_fn()
+    opt = opt_fn(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = rows if rows is not None else torch.randint(0, 50, (7,), generator=gen)
+        loss = (model(ids) ** 2).sum() + model(ids).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.01])
+def test_dense_gradients_follow_torch_adam(decay):
+    make_model = lambda: nn.Sequential(nn.Embedding(50, 4), nn.Linear(4, 3))  # noqa: E731
+    ours = _run(make_model, lambda p: LazyAdam(p, lr=0.05, weight_decay=decay))
+    ref = _run(make_model, lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=decay))
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sparse_gradients_follow_torch_sparse_adam_and_leave_other_rows_alone():
+    make_model = lambda: nn.Embedding(50, 4, sparse=True)  # noqa: E731
+    # SparseAdam adds eps to sqrt(v) before bias correction, Adam (and LazyAdam) after it:
+    # with a negligible eps the two rules coincide.
+    ours = _run(make_model, lambda p: LazyAdam(p, lr=0.05, eps=1e-14))
+    ref = _run(make_model, lambda p: torch.optim.SparseAdam(list(p), lr=0.05, eps=1e-14))
+    torch.testing.assert_close(ours.weight, ref.weight, rtol=1e-6, atol=1e-7)
+    # Rows never read keep their initial values (a dense Adam would move nothing either, but
+    # rows read once and then not again would keep drifting under dense Adam; lazily they stop).
+    torch.manual_seed(0)
+    start = nn.Embedding(50, 4).weight.detach()
+    only = torch.tensor([3, 7])
+    model = _run(lambda: nn.Embedding(50, 4, sparse=True), lambda p: LazyAdam(p, lr=0.05),
+                 rows=only)
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[only] = False
+    assert torch.equal(model.weight[untouched], start[untouched])
+    assert not torch.equal(model.weight[only], start[only])
+
+
+def test_rows_touched_every_step_follow_dense_adam():
+    rows = torch.arange(50)
+    sparse = _run(lambda: nn.Embedding(50, 4, sparse=True), lambda p: LazyAdam(p, lr=0.05),
+                  rows=rows)
+    dense = _run(lambda: nn.Embedding(50, 4), lambda p: torch.optim.Adam(p, lr=0.05), rows=rows)
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-6, atol=1e-7)
+
+
+def test_rejects_bad_hyperparameters():
+    p = [nn.Parameter(torch.zeros(2))]
+    for kwargs in ({"lr": 0.0}, {"eps": 0.0}, {"betas": (0.9, 1.0)}, {"weight_decay": -1.0}):
+        with pytest.raises(ValueError, match="LazyAdam"):
+            LazyAdam(p, **kwargs)
+
+
+def test_transformer_sparse_item_gradient_equals_the_dense_one(schema, batch):  # noqa: F811
+    """Second-order MAML through the vmapped inner loop: the sparse gradient of the item table
+    (only the rows the batch read) densifies to exactly the dense gradient."""
+    from metarec_plugins.algorithms.maml import MAML
+
+    grads = {}
+    for sparse in (False, True):
+        backbone = make(schema, sparse_item_gradients=sparse)
+        model = functional(backbone)
+        algorithm = MAML(inner_steps=2, inner_lr=0.1)
+        algorithm.bind(model)
+        loss, _ = algorithm.outer_loss(model, batch)
+        loss.backward()
+        grads[sparse] = {n: p.grad for n, p in backbone.named_parameters()}
+    table = "item_embedding.weight"
+    assert grads[True][table].is_sparse and not grads[False][table].is_sparse
+    read = grads[True][table].coalesce().indices()[0]
+    assert len(read) < schema.num_items  # only the rows the batch read
+    torch.testing.assert_close(grads[True][table].to_dense(), grads[False][table])
+    for name, g in grads[False].items():
+        if name != table:
+            torch.testing.assert_close(grads[True][name], g)
