@@ -30,3 +30,32 @@ class MetricsSummary(pl.Callback):
             table.add_row(name, f"{float(before):.4f}" if before is not None else "",
                           f"{float(after):.4f}")
         Console().print(table)
+
+
+def parameter_counts(pl_module: pl.LightningModule) -> dict[str, float]:
+    """Total, trainable and fast (adapted per task) parameter counts of a MetaLearner."""
+    total = sum(p.numel() for p in pl_module.parameters())
+    trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+    counts: dict[str, float] = {"total": total, "trainable": trainable}
+    functional = getattr(pl_module, "functional", None)
+    if functional is not None:
+        fast = sum(p.numel() for p in functional.split()[0].values())
+        backbone = sum(p.numel() for p in functional.backbone.parameters())
+        counts.update(backbone=backbone, fast=fast, fast_fraction=fast / max(backbone, 1))
+    return counts
+
+
+class ParameterCount(pl.Callback):
+    """Logs the parameter counts when fit starts: total, trainable, backbone, fast (what the
+    inner loop adapts per task) and the fast fraction of the backbone, as every logger's
+    ``parameters`` hyperparameters and as one console line. Fast adaptation of a large model
+    only pays when the fast part is small; this makes the split visible in every run."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        counts = parameter_counts(pl_module)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"parameters": counts})
+        if trainer.is_global_zero and "fast" in counts:
+            print(f"metarec parameters: backbone {counts['backbone']:,}, fast {counts['fast']:,} "
+                  f"({100 * counts['fast_fraction']:.3f}% of the backbone), total {counts['total']:,}",
+                  flush=True)

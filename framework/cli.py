@@ -30,6 +30,7 @@ PARSER_DEFAULTS: dict[str, Any] = {
     "trainer.callbacks": [
         {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
         {"class_path": "metarec.callbacks.MetricsSummary"},
+        {"class_path": "metarec.callbacks.ParameterCount"},
         # Lightning adds its own ModelCheckpoint only when none is listed, and the exception
         # checkpoint below is one: list the regular one explicitly (last.ckpt kept too).
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",

@@ -54,6 +54,12 @@ def test_offline_wandb_and_csv_logs(in_tmp, monkeypatch):
     assert recipe["model"]["algorithm_args"] == {"inner_steps": 3, "inner_lr": 0.05}
     assert recipe["data"]["tasks"]["query_size"] == 10
     assert recipe["trainer"]["inference_mode"] is False
+    # Parameter counts (the default ParameterCount callback): total, fast, fast fraction.
+    params = config["parameters"]
+    fast = sum(p.numel() for p in cli.model.functional.split()[0].values())
+    assert params["fast"] == fast
+    assert params["total"] == sum(p.numel() for p in cli.model.parameters())
+    assert params["fast_fraction"] == fast / sum(p.numel() for p in cli.model.backbone.parameters())
 
     csv_dir = next((in_tmp / "runs" / "csv").glob("version_*"))
     curve = list(csv.DictReader(open(csv_dir / "val_adaptation_curve.csv")))
