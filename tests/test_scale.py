@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from metarec_plugins.datasets import synthetic
@@ -71,3 +72,27 @@ def test_scale_recipe_has_over_100m_parameters_and_under_1_percent_fast():
     assert counts["backbone"] >= 100_000_000
     assert 0 < counts["fast_fraction"] <= 0.01
     assert counts["fast"] == sum(p.numel() for n, p in backbone.named_parameters() if n in fast)
+
+
+@pytest.mark.slow
+def test_scale_recipe_meta_trains_from_the_cli(tmp_path):
+    """The acceptance command (one meta-step here, three in docs/results.md): exits 0 and
+    reports >= 100M parameters with <= 1% fast. Needs ~9 GB of memory."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    out = subprocess.run(
+        [sys.executable, "-m", "metarec", "fit", "--config",
+         str(REPO / "recipes/scale/transformer-large.yaml"), "--trainer.max_steps", "1",
+         "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = re.search(r"metarec parameters: backbone ([\d,]+), fast ([\d,]+) \(([\d.]+)%",
+                     out.stdout)
+    assert line, out.stdout[-3000:]
+    backbone, fast = (int(line.group(i).replace(",", "")) for i in (1, 2))
+    assert backbone >= 100_000_000 and 0 < fast <= 0.01 * backbone
+    assert "max_steps=1` reached" in out.stdout + out.stderr
