@@ -9,6 +9,7 @@ from torch import nn
 
 from metarec.data.episodes import EpisodeBatch, FeatureBatch
 from metarec.functional import SGD, FunctionalModel, InnerOptimizer, Objective, Params
+from metarec.ranges import NonNegativeInt, PositiveFloat
 
 
 class MetaAlgorithm(nn.Module):
@@ -29,7 +30,7 @@ class MetaAlgorithm(nn.Module):
         fast_parameters: ``fnmatch`` patterns overriding the backbone's fast/slow partition.
     """
 
-    def __init__(self, inner_steps: int = 5, inner_lr: float = 0.01,
+    def __init__(self, inner_steps: NonNegativeInt = 5, inner_lr: PositiveFloat = 0.01,
                  fast_parameters: Sequence[str] | None = None) -> None:
         super().__init__()
         if inner_steps < 0:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from metarec import Backbone, DataSchema, build, select_parameters
+from metarec.ranges import PositiveFloat, PositiveInt
 
 
 class LoRALinear(nn.Module):
@@ -134,8 +135,8 @@ class LoRA(Backbone):
     """
 
     def __init__(self, schema: DataSchema, backbone: str = "melu",
-                 backbone_args: dict[str, Any] | None = None, rank: int = 4,
-                 alpha: float | None = None, targets: Sequence[str] | None = None) -> None:
+                 backbone_args: dict[str, Any] | None = None, rank: PositiveInt = 4,
+                 alpha: PositiveFloat | None = None, targets: Sequence[str] | None = None) -> None:
         super().__init__(schema)
         self.backbone = build("backbones", backbone, backbone_args, schema=schema)
         self._head = list(self.backbone.head_parameters())

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from metarec import ENCODED, Backbone, DataSchema
+from metarec.ranges import PositiveInt
 
 
 class MeLU(Backbone):
@@ -27,8 +28,8 @@ class MeLU(Backbone):
         use_ids: also embed the user and item ids (slow parameters).
     """
 
-    def __init__(self, schema: DataSchema, embedding_dim: int = 32,
-                 hidden: Sequence[int] = (64, 64), use_ids: bool = False) -> None:
+    def __init__(self, schema: DataSchema, embedding_dim: PositiveInt = 32,
+                 hidden: Sequence[PositiveInt] = (64, 64), use_ids: bool = False) -> None:
         super().__init__(schema)
         if embedding_dim < 1 or not hidden or min(hidden) < 1:
             raise ValueError("embedding_dim and every hidden width must be >= 1")

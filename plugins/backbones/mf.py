@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from metarec import Backbone, DataSchema
+from metarec.ranges import NonNegativeFloat, PositiveInt
 from metarec_plugins.backbones.twotower import FeatureEmbeddings
 
 
@@ -48,8 +49,8 @@ class MatrixFactorization(Backbone):
         init_std: standard deviation of the initial item rows and default user row.
     """
 
-    def __init__(self, schema: DataSchema, embedding_dim: int = 32, user_features: bool = True,
-                 use_user_table: bool = False, init_std: float = 0.1) -> None:
+    def __init__(self, schema: DataSchema, embedding_dim: PositiveInt = 32, user_features: bool = True,
+                 use_user_table: bool = False, init_std: NonNegativeFloat = 0.1) -> None:
         super().__init__(schema)
         if embedding_dim < 1 or init_std < 0:
             raise ValueError("embedding_dim must be >= 1 and init_std >= 0")

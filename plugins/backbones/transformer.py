@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarec import ENCODED, Backbone, DataSchema
+from metarec.ranges import NonNegativeInt, PositiveFloat, PositiveInt, UnitFraction
 from metarec_plugins.backbones.lora import add_lora
 from metarec_plugins.backbones.twotower import FeatureEmbeddings, mlp
 
@@ -129,11 +130,12 @@ class Transformer(Backbone):
 
     needs_history = True
 
-    def __init__(self, schema: DataSchema, dim: int = 32, layers: int = 1, heads: int = 2,
-                 ffn: int | None = None, dropout: float = 0.0,
-                 scorer_hidden: Sequence[int] = (64,), max_positions: int = 128,
+    def __init__(self, schema: DataSchema, dim: PositiveInt = 32, layers: NonNegativeInt = 1,
+                 heads: PositiveInt = 2, ffn: PositiveInt | None = None,
+                 dropout: UnitFraction = 0.0, scorer_hidden: Sequence[PositiveInt] = (64,),
+                 max_positions: PositiveInt = 128,
                  use_item_features: bool = True, use_user_features: bool = True,
-                 lora_rank: int | None = None, lora_alpha: float | None = None,
+                 lora_rank: PositiveInt | None = None, lora_alpha: PositiveFloat | None = None,
                  lora_targets: Sequence[str] = ("scorer.*", "output"),
                  sparse_item_gradients: bool = False) -> None:
         super().__init__(schema)

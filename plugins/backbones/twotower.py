@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from metarec import Backbone, DataSchema, FeatureSpec
+from metarec.ranges import PositiveFloat, PositiveInt
 from metarec_plugins.backbones.lora import LoRALinear, add_lora
 
 
@@ -124,11 +125,11 @@ class TwoTower(Backbone):
             linear layer of the user tower).
     """
 
-    def __init__(self, schema: DataSchema, embedding_dim: int = 16,
-                 hidden: Sequence[int] = (64,), dim: int = 32, scorer: str = "dot",
-                 scorer_hidden: Sequence[int] = (64,), use_item_ids: bool = True,
-                 use_user_ids: bool = False, lora_rank: int | None = None,
-                 lora_alpha: float | None = None,
+    def __init__(self, schema: DataSchema, embedding_dim: PositiveInt = 16,
+                 hidden: Sequence[PositiveInt] = (64,), dim: PositiveInt = 32, scorer: str = "dot",
+                 scorer_hidden: Sequence[PositiveInt] = (64,), use_item_ids: bool = True,
+                 use_user_ids: bool = False, lora_rank: PositiveInt | None = None,
+                 lora_alpha: PositiveFloat | None = None,
                  lora_targets: Sequence[str] = ("user_tower.*",)) -> None:
         super().__init__(schema)
         if scorer not in ("dot", "mlp"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from metarec import Dataset, Feature, FeatureSpec, InteractionTable
-
+from metarec.ranges import ClosedUnitInterval, NonNegativeFloat, PositiveInt
 
 # Above this many (user, item) cells, distinct items are drawn by rejection instead of by
 # sorting a random key per cell (which needs num_users x num_items memory).
@@ -61,10 +61,11 @@ class SyntheticDataset(Dataset):
         seed: random seed.
     """
 
-    def __init__(self, num_users: int = 1000, num_items: int = 400, num_clusters: int = 4,
-                 latent_dim: int = 8, heterogeneity: float = 0.3, noise: float = 0.3,
-                 min_interactions: int = 15, max_interactions: int = 60,
-                 feature_informativeness: float = 0.25, seed: int = 0) -> None:
+    def __init__(self, num_users: PositiveInt = 1000, num_items: PositiveInt = 400,
+                 num_clusters: PositiveInt = 4, latent_dim: PositiveInt = 8,
+                 heterogeneity: NonNegativeFloat = 0.3, noise: NonNegativeFloat = 0.3,
+                 min_interactions: PositiveInt = 15, max_interactions: PositiveInt = 60,
+                 feature_informativeness: ClosedUnitInterval = 0.25, seed: int = 0) -> None:
         if min(num_users, num_items, num_clusters, latent_dim) < 1:
             raise ValueError("num_users, num_items, num_clusters and latent_dim must be >= 1")
         if not 1 <= min_interactions <= max_interactions <= num_items:

@@ -23,20 +23,16 @@ from __future__ import annotations
 import math
 
 import torch
-from jsonargparse.typing import (
+from torch.func import grad, grad_and_value, vmap
+
+from metarec import SGD, AdaptationPolicy, FeatureBatch, FunctionalModel, MetaAlgorithm, Params
+from metarec.ranges import (
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
-    restricted_number_type,
+    UnitFraction,
 )
-from torch.func import grad, grad_and_value, vmap
-
-from metarec import SGD, AdaptationPolicy, FeatureBatch, FunctionalModel, MetaAlgorithm, Params
-
-# target_ratio: a float in [0, 1) (the same registered type in every policy using it).
-UnitFraction = restricted_number_type("UnitFraction", float, [(">=", 0.0), ("<", 1.0)],
-                                      docstring="float restricted to be >=0 and <1")
 
 
 class EarlyStop(AdaptationPolicy):

@@ -22,7 +22,6 @@ import math
 from typing import Any
 
 import torch
-from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
 from torch.func import grad, vmap
 
 from metarec import (
@@ -35,10 +34,7 @@ from metarec import (
     Objective,
     Params,
 )
-
-# alpha / target_ratio: a float in [0, 1) (the same registered type in every policy using it).
-UnitFraction = restricted_number_type("UnitFraction", float, [(">=", 0.0), ("<", 1.0)],
-                                      docstring="float restricted to be >=0 and <1")
+from metarec.ranges import PositiveFloat, PositiveInt, UnitFraction
 
 
 def _int(name: str, value: Any, minimum: int) -> int:

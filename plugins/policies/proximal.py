@@ -13,14 +13,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from jsonargparse.typing import NonNegativeInt, PositiveFloat, restricted_number_type
-
 from metarec import InnerOptimizer, Params
+from metarec.ranges import NonNegativeInt, PositiveFloat, UnitFraction
 from metarec_plugins.policies.finetune import FineTune
-
-# alpha / target_ratio: a float in [0, 1) (the same registered type in every policy using it).
-UnitFraction = restricted_number_type("UnitFraction", float, [(">=", 0.0), ("<", 1.0)],
-                                      docstring="float restricted to be >=0 and <1")
 
 
 class ProximalStep(InnerOptimizer):
