@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import random
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -13,6 +17,10 @@ from metarec.data.episodes import EpisodeCollator
 from metarec.data.table import InteractionTable
 from metarec.data.tasks import TaskConfig, TaskSplits, build_tasks
 from metarec.schema import DataSchema
+
+# The datamodule's hyperparameters (in checkpoints) may hold a TaskConfig: let
+# torch.load(weights_only=True), Lightning's default, read it.
+torch.serialization.add_safe_globals([TaskConfig])
 
 
 class _TaskIndices:
@@ -28,6 +36,91 @@ class _TaskIndices:
         return i
 
 
+def _rng_state() -> dict[str, Any]:
+    """The global RNG states (torch CPU and CUDA, numpy, python) as plain tensors and tuples, so
+    that a checkpoint holding them still loads with ``torch.load(weights_only=True)``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = (torch.cuda.get_rng_state_all()
+            if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+class _EpochSampler(DistributedSampler):
+    """The meta-training order: a pure function of (seed, epoch), sharded by rank.
+
+    Every rank draws the same permutation (``shuffle``: from ``seed + epoch``, never from the
+    global RNG; otherwise ``0..n-1``) and takes its shard ``r, r + W, ...`` (``W = 1`` in a
+    single process). ``start`` skips that many of this rank's indices in the next pass only
+    (set when resuming mid-epoch)."""
+
+    def __init__(self, n: int, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+        super().__init__(_TaskIndices(n), num_replicas=num_replicas, rank=rank,
+                         shuffle=shuffle, seed=seed)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, 0
+        return iter(list(super().__iter__())[start:])
+
+
+class ResumableLoader(DataLoader):
+    """The meta-training DataLoader: stateful, so that a run resumed from a mid-epoch
+    checkpoint continues with exactly the next batch.
+
+    Lightning saves ``state_dict()`` (the epoch and the batches already yielded in it) with the
+    fit loop's state in every checkpoint taken during fit, and hands it back through
+    ``load_state_dict()`` when ``fit(ckpt_path=...)`` resumes mid-epoch; the next pass then
+    skips the batches already trained on. ``rng_state``, when set (by
+    :meth:`EpisodeDataModule.load_state_dict`), is restored as the next pass yields its first
+    batch: right before the next training step, as in the uninterrupted run. The loader draws
+    nothing from the global RNG itself: its order comes from :class:`_EpochSampler`, its
+    workers' base seed from its own generator.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch: int | None = None
+        self._yielded = 0
+        self._resume: dict[str, int] | None = None
+        self.rng_state: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: nothing happens before the first batch is asked for, which is after
+        # Lightning's set_epoch (Lightning creates the first iterator before it).
+        sampler = self.sampler
+        resume, self._resume = self._resume, None
+        skip = resume["batches"] if resume is not None and resume["epoch"] == sampler.epoch else 0
+        sampler.start = skip * self.batch_size
+        self._epoch, self._yielded = sampler.epoch, skip
+        if self.generator is not None:
+            self.generator.manual_seed(sampler.seed + sampler.epoch)
+        for batch in super().__iter__():
+            if self.rng_state is not None:
+                _set_rng_state(self.rng_state)
+                self.rng_state = None
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch = self.sampler.epoch if self._epoch is None else self._epoch
+        return {"epoch": epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+        # Until Lightning calls set_epoch (and should the first pass start before it).
+        self.sampler.set_epoch(self._resume["epoch"])
+
+
 class EpisodeDataModule(pl.LightningDataModule):
     """Loads a dataset plugin and serves batches of per-user tasks.
 
@@ -41,8 +134,9 @@ class EpisodeDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         seed: seed of the user split, query draw and negative sampling (independent of the
             training seed, so several training seeds can share one split).
-        shuffle: shuffle the meta-training tasks every epoch (off: a fixed task order, e.g. to
-            compare a multi-process run with a single-process one batch for batch).
+        shuffle: shuffle the meta-training tasks every epoch, in an order fixed by ``seed``, the
+            training seed and the epoch (see :meth:`order_seed`); off: a fixed task order, e.g.
+            to compare a multi-process run with a single-process one batch for batch.
         history_length: when set, every support and query slot carries the user's history
             (the latest ``history_length`` support interactions strictly before the slot; see
             :mod:`metarec.data.episodes`), as sequential backbones such as ``transformer`` need.
@@ -54,6 +148,8 @@ class EpisodeDataModule(pl.LightningDataModule):
                  eval_batch_size: int = 256, num_workers: int = 0, seed: int = 0,
                  shuffle: bool = True, history_length: int | None = None) -> None:
         super().__init__()
+        # Stored in checkpoints (``datamodule_hyper_parameters``); the loggers get the recipe.
+        self.save_hyperparameters(logger=False)
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
         if history_length is not None and history_length < 1:
@@ -66,6 +162,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle
         self._table: InteractionTable | None = None
         self._splits: TaskSplits | None = None
+        self._rng_state: dict[str, Any] | None = None
 
     @property
     def table(self) -> InteractionTable:
@@ -90,32 +187,57 @@ class EpisodeDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.splits  # noqa: B018 - build once, before the loaders are requested
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def order_seed(self) -> int:
+        """Seed of the meta-training order: ``data.seed`` mixed with the training seed
+        (``seed_everything``, read from ``PL_GLOBAL_SEED``; 0 if unseeded), so that several
+        training seeds sharing one split still see the tasks in different orders."""
+        training_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        state = np.random.SeedSequence([self.seed, training_seed]).generate_state(1)
+        return int(state[0])
+
+    def _loader(self, split: str) -> DataLoader:
         tasks = self.splits[split]
-        indices = _TaskIndices(len(tasks))
-        sampler = None
-        if split == "train" and torch.distributed.is_available() \
-                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            # Shard training tasks ourselves so that `shuffle: false` really is a fixed order
-            # (Lightning's injected sampler would shuffle); rank r gets tasks r, r + W, ...
-            # Evaluation keeps Lightning's DistributedSampler (see docs/scaling.md on its padding).
-            sampler = DistributedSampler(indices, shuffle=shuffle, seed=self.seed)
-            shuffle = False
         collate = EpisodeCollator(tasks, self.table, self.history_length)
-        return DataLoader(indices, sampler=sampler,
-                          batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-                          shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=collate,
-                          persistent_workers=self.num_workers > 0)
+        # Loaders own their generator: creating an iterator draws its workers' base seed, which
+        # would otherwise come from (and advance) the global torch RNG.
+        common = dict(num_workers=self.num_workers, collate_fn=collate,
+                      persistent_workers=self.num_workers > 0,
+                      generator=torch.Generator().manual_seed(self.seed))
+        if split != "train":
+            # Fixed order; under DDP Lightning injects its DistributedSampler (see
+            # docs/scaling.md on its padding).
+            return DataLoader(_TaskIndices(len(tasks)), batch_size=self.eval_batch_size,
+                              shuffle=False, **common)
+        # Training tasks are sharded by metarec itself so that `shuffle: false` really is a
+        # fixed order (Lightning's injected sampler would shuffle): rank r gets tasks r, r + W...
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        sampler = _EpochSampler(len(tasks), world, rank, self.shuffle, self.order_seed())
+        return ResumableLoader(_TaskIndices(len(tasks)), sampler=sampler,
+                               batch_size=self.batch_size, **common)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=self.shuffle)
+        loader = self._loader("train")
+        loader.rng_state, self._rng_state = self._rng_state, None
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the global RNG states (torch CPU and CUDA, numpy, python)
+        at that moment, which dropout and randomised inner loops draw from."""
+        return {"rng": _rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """On ``fit(ckpt_path=...)``: the saved RNG states are restored when the next training
+        batch is drawn (see :class:`ResumableLoader`), so that what runs between loading and
+        training (a sanity check, say) draws nothing that the uninterrupted run did not."""
+        self._rng_state = state.get("rng")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")

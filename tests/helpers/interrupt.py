@@ -12,3 +12,13 @@ class InterruptAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             raise KeyboardInterrupt
+
+
+class RecordBatches(pl.Callback):
+    """Records, for every training step, the epoch, the batch index and the batch's users."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int, list[int]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append((trainer.current_epoch, batch_idx, batch.users.tolist()))
