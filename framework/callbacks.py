@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import lightning.pytorch as pl
 from rich.console import Console
 from rich.table import Table
@@ -59,3 +62,37 @@ class ParameterCount(pl.Callback):
             print(f"metarec parameters: backbone {counts['backbone']:,}, fast {counts['fast']:,} "
                   f"({100 * counts['fast_fraction']:.3f}% of the backbone), total {counts['total']:,}",
                   flush=True)
+
+
+class InterruptCheckpoint(pl.Callback):
+    """Saves a checkpoint when fit stops on an exception (Ctrl-C included), and says how to
+    resume from it.
+
+    Unlike Lightning's ``OnExceptionCheckpoint``, its presence does not make every later
+    ``fit`` without ``--ckpt_path`` resume silently from the newest ``last``/exception
+    checkpoint it finds (Lightning does that for any ``OnExceptionCheckpoint``): a new run
+    starts from scratch unless ``--ckpt_path`` says otherwise.
+
+    Args:
+        dirpath: folder of the checkpoint (created when needed).
+        filename: its name, without the ``.ckpt`` extension.
+    """
+
+    def __init__(self, dirpath: str = "runs/interrupted", filename: str = "on_exception") -> None:
+        if not filename:
+            raise ValueError("InterruptCheckpoint: filename cannot be empty")
+        self.dirpath, self.filename = dirpath, filename
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.dirpath, f"{self.filename}.ckpt")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        if trainer.state.fn != "fit" or (trainer.global_step == 0 and trainer.current_epoch == 0):
+            return  # nothing trained yet: nothing worth keeping
+        trainer.save_checkpoint(self.ckpt_path)
+        if trainer.is_global_zero:
+            print(f"\nmetarec: {type(exception).__name__} at step {trainer.global_step}; "
+                  f"checkpoint saved to {self.ckpt_path}. Resume with the same recipe and "
+                  f"overrides plus --ckpt_path {self.ckpt_path}", file=sys.stderr, flush=True)

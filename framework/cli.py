@@ -31,12 +31,12 @@ PARSER_DEFAULTS: dict[str, Any] = {
         {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
         {"class_path": "metarec.callbacks.MetricsSummary"},
         {"class_path": "metarec.callbacks.ParameterCount"},
-        # Lightning adds its own ModelCheckpoint only when none is listed, and the exception
-        # checkpoint below is one: list the regular one explicitly (last.ckpt kept too).
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"save_last": True}},
         # Ctrl-C (or any exception) during fit leaves runs/interrupted/on_exception.ckpt.
-        {"class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint",
+        # Not Lightning's OnExceptionCheckpoint: with one of those, every later fit without
+        # --ckpt_path silently resumes from the newest last/exception checkpoint it finds.
+        {"class_path": "metarec.callbacks.InterruptCheckpoint",
          "init_args": {"dirpath": "runs/interrupted"}},
     ],
 }

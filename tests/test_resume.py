@@ -35,10 +35,8 @@ INTERRUPT_AT = ("--trainer.callbacks+",
 
 
 def _fit(where: Path, *extra: str) -> MetarecCLI:
-    """A fresh CLI fit in its own folder: with an OnExceptionCheckpoint among the callbacks,
-    Lightning resumes a fit without ``ckpt_path`` from the newest last/on-exception checkpoint
-    it finds, so runs must not share ``runs/``."""
-    where.mkdir(parents=True)
+    """A fresh CLI fit in its own folder (``runs/`` relative to it)."""
+    where.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(where)
     try:
@@ -162,3 +160,18 @@ def test_training_order_is_a_function_of_seeds_and_epoch(monkeypatch):
     shards = [list(_EpochSampler(n, 2, r, True, 7)) for r in (0, 1)]
     padded = single + single[:len(shards[0]) * 2 - n]
     assert shards == [padded[0::2], padded[1::2]]
+
+
+def test_a_new_fit_in_the_same_folder_starts_from_scratch(tmp_path, capsys):
+    """The interrupt checkpoint is not a resume-by-default: after an interrupted run, a fit
+    without --ckpt_path in the same folder trains from step 0 (with Lightning's
+    OnExceptionCheckpoint among the callbacks it would resume from the newest checkpoint)."""
+    with pytest.raises(SystemExit):
+        _fit(tmp_path, *INTERRUPT_AT)
+    ckpt = tmp_path / "runs" / "interrupted" / "on_exception.ckpt"
+    assert ckpt.exists()
+    assert f"--ckpt_path {Path('runs/interrupted/on_exception.ckpt')}" in capsys.readouterr().err
+    again = _fit(tmp_path)
+    batches = _recorded(again)
+    assert len(batches) == STEPS and batches[0][:2] == (0, 0)
+    assert again.trainer.global_step == STEPS
