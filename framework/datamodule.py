@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
 from metarec import registry
@@ -60,12 +61,13 @@ class _EpochSampler(DistributedSampler):
 
     Every rank draws the same permutation (``shuffle``: from ``seed + epoch``, never from the
     global RNG; otherwise ``0..n-1``) and takes its shard ``r, r + W, ...`` (``W = 1`` in a
-    single process). ``start`` skips that many of this rank's indices in the next pass only
+    single process); the last ``n mod W`` positions of the permutation are left out, so that
+    no task is seen twice in an epoch and every rank runs the same number of steps. ``start`` skips that many of this rank's indices in the next pass only
     (set when resuming mid-epoch)."""
 
     def __init__(self, n: int, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
         super().__init__(_TaskIndices(n), num_replicas=num_replicas, rank=rank,
-                         shuffle=shuffle, seed=seed)
+                         shuffle=shuffle, seed=seed, drop_last=True)
         self.start = 0
 
     def __iter__(self) -> Iterator[int]:
@@ -203,16 +205,25 @@ class EpisodeDataModule(pl.LightningDataModule):
         common = dict(num_workers=self.num_workers, collate_fn=collate,
                       persistent_workers=self.num_workers > 0,
                       generator=torch.Generator().manual_seed(self.seed))
-        if split != "train":
-            # Fixed order; under DDP Lightning injects its DistributedSampler (see
-            # docs/scaling.md on its padding).
-            return DataLoader(_TaskIndices(len(tasks)), batch_size=self.eval_batch_size,
-                              shuffle=False, **common)
-        # Training tasks are sharded by metarec itself so that `shuffle: false` really is a
-        # fixed order (Lightning's injected sampler would shuffle): rank r gets tasks r, r + W...
         world, rank = 1, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        if split != "train":
+            # Fixed order. Under DDP, every task exactly once: rank r evaluates tasks r, r + W, ...
+            # and ranks may run one batch more or fewer (metric states are gathered once, at
+            # epoch end). Lightning's own DistributedSampler would pad the last shard with
+            # repeated tasks, counting them twice. Fewer tasks than ranks: Lightning's (padded).
+            sampler = None
+            if world > 1 and len(tasks) >= world:
+                sampler = UnrepeatedDistributedSampler(_TaskIndices(len(tasks)),
+                                                       num_replicas=world, rank=rank,
+                                                       shuffle=False)
+            return DataLoader(_TaskIndices(len(tasks)), batch_size=self.eval_batch_size,
+                              sampler=sampler, shuffle=False, **common)
+        # Training tasks are sharded by metarec itself so that `shuffle: false` really is a
+        # fixed order (Lightning's injected sampler would shuffle): rank r gets tasks r, r + W...
+        # With W ranks, up to W - 1 tasks of the (shuffled) order are left out of an epoch so
+        # that every rank runs the same number of steps; none is seen twice.
         sampler = _EpochSampler(len(tasks), world, rank, self.shuffle, self.order_seed())
         return ResumableLoader(_TaskIndices(len(tasks)), sampler=sampler,
                                batch_size=self.batch_size, **common)

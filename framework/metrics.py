@@ -102,6 +102,20 @@ def tie_broken_ranks(scores: torch.Tensor, users: torch.Tensor, items: torch.Ten
     return ranks
 
 
+def _merge_list_states(metric: nn.Module) -> None:
+    """Concatenate each list state of a torchmetrics metric into a single tensor, in place.
+
+    torchmetrics' retrieval metrics keep one tensor per ``update`` in list states whose
+    distributed reduction is ``None``, and gather them across ranks one tensor at a time: with
+    ranks that ran different numbers of evaluation batches (every task evaluated exactly once,
+    see :mod:`metarec.datamodule`) the ranks would issue different numbers of collectives and
+    deadlock or fail. One tensor per state and rank makes the gathers line up.
+    """
+    for name, value in metric.metric_state.items():
+        if isinstance(value, list) and len(value) > 1:
+            setattr(metric, name, [torch.cat([v.reshape(-1) if v.ndim == 0 else v for v in value])])
+
+
 class AdaptationMetrics(nn.Module):
     """One torchmetrics collection per adaptation step ``0..steps``."""
 
@@ -171,6 +185,8 @@ class AdaptationMetrics(nn.Module):
         out = {}
         last = len(self.per_step) - 1
         for step, metrics in enumerate(self.per_step):
+            for metric in metrics.values():
+                _merge_list_states(metric)
             for name, value in metrics.compute().items():
                 out[f"{prefix}/step{step}/{name}"] = value
                 if step == last:

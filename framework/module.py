@@ -172,8 +172,13 @@ class MetaLearner(pl.LightningModule):
         self._log_metrics(self.test_metrics, "test")
         if self._trainer is not None and not self.trainer.sanity_checking:
             keys = getattr(getattr(self.trainer.datamodule, "table", None), "user_keys", None)
-            rows = [[keys[r[0]].item() if keys is not None else r[0], *r[1:]]
-                    for r in self._test_rows]
+            rows = self._test_rows
+            if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                    and torch.distributed.get_world_size() > 1:  # every rank's tasks
+                gathered: list[Any] = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(gathered, rows)
+                rows = sorted((r for part in gathered for r in part), key=lambda r: r[0])
+            rows = [[keys[r[0]].item() if keys is not None else r[0], *r[1:]] for r in rows]
             log_table(self.trainer, "test/users",
                       ["user", "support_size", "query_loss_before", "query_loss_after",
                        "query_mae_after"], rows)

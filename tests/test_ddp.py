@@ -68,32 +68,58 @@ def test_unsynchronised_gradients_are_caught(tmp_path):
     assert _max_diff(rank0, single) > 1e-4
 
 
-@pytest.mark.slow
-def test_ddp_validation_counts_every_task_once(tmp_path):
-    """Validation metrics under 2 ranks equal one process's (no task repeated or dropped)."""
+def _evaluate(out, subcommand: str, devices: int, num_users: int):
+    """``metarec validate|test`` with the CSV logger; returns (metrics, csv log folder)."""
     import csv
 
-    def val(devices):
-        out = tmp_path / f"val{devices}"
-        out.mkdir()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-        args = [sys.executable, "-m", "metarec", "validate", *BASE[:2],
-                "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
-                "--trainer.logger", "{class_path: lightning.pytorch.loggers.CSVLogger, "
-                                    "init_args: {save_dir: runs, name: csv}}",
-                "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
-                # 300 users: 30 validation tasks, split evenly (an uneven count is padded by
-                # Lightning's DistributedSampler with repeated tasks: see docs/scaling.md)
-                "--data.dataset_args", "{num_users: 300, num_items: 120, seed: 0}",
-                "--data.eval_batch_size", "7"]
-        if devices > 1:
-            args += ["--trainer.strategy", "ddp"]
-        result = subprocess.run(args, cwd=out, env=env, capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        rows = list(csv.DictReader(open(out / "runs" / "csv" / "version_0" / "metrics.csv")))
-        return {k: float(v) for row in rows for k, v in row.items() if v}
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    args = [sys.executable, "-m", "metarec", subcommand, *BASE[:2],
+            "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+            "--trainer.logger", "{class_path: lightning.pytorch.loggers.CSVLogger, "
+                                "init_args: {save_dir: runs, name: csv}}",
+            "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
+            "--data.dataset_args", f"{{num_users: {num_users}, num_items: 120, seed: 0}}",
+            "--data.eval_batch_size", "7"]
+    if devices > 1:
+        args += ["--trainer.strategy", "ddp"]
+    result = subprocess.run(args, cwd=out, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = out / "runs" / "csv" / "version_0"
+    rows = list(csv.DictReader(open(folder / "metrics.csv")))
+    return {k: float(v) for row in rows for k, v in row.items() if v}, folder
 
-    one, two = val(1), val(2)
-    for key in ("val/loss", "val/mae", "val/ndcg@5", "val/step0/rmse", "val/adapt_ratio"):
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_users, tasks", [(300, 30), (290, 29)])
+def test_ddp_validation_counts_every_task_once(tmp_path, num_users, tasks):
+    """Validation metrics under 2 ranks equal one process's: no task repeated or dropped, also
+    when the task count is odd (29 tasks: rank 0 gets 15, rank 1 14, in 3 and 2 batches)."""
+    from metarec.data.tasks import TaskConfig, build_tasks
+    from metarec_plugins.datasets.synthetic import SyntheticDataset
+
+    table = SyntheticDataset(num_users=num_users, num_items=120, seed=0).load()
+    split = build_tasks(table, TaskConfig(min_interactions=15, max_interactions=60), 0)
+    assert len(split["val"]) == tasks
+    one, _ = _evaluate(tmp_path / "one", "validate", 1, num_users)
+    two, _ = _evaluate(tmp_path / "two", "validate", 2, num_users)
+    for key in ("val/loss", "val/mae", "val/ndcg@5", "val/step0/rmse", "val/adapt_ratio",
+                "val/precision@5", "val/mrr@5"):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_ddp_test_table_holds_every_test_user_once(tmp_path):
+    """The per-user test table gathers every rank's rows (29 test users over 2 ranks)."""
+    import csv
+
+    one, folder1 = _evaluate(tmp_path / "one", "test", 1, 290)
+    two, folder2 = _evaluate(tmp_path / "two", "test", 2, 290)
+    rows1 = list(csv.DictReader(open(folder1 / "test_users.csv")))
+    rows2 = list(csv.DictReader(open(folder2 / "test_users.csv")))
+    assert len(rows1) == 29 and sorted(r["user"] for r in rows2) == sorted(r["user"] for r in rows1)
+    by_user = {r["user"]: r for r in rows1}
+    for row in rows2:
+        assert float(row["query_loss_after"]) == pytest.approx(
+            float(by_user[row["user"]]["query_loss_after"]), rel=1e-5)
+    assert two["test/loss"] == pytest.approx(one["test/loss"], rel=1e-5)
