@@ -42,7 +42,7 @@ class WandbLogger(_LightningWandbLogger):
 
     ``offline=None`` (the default) picks offline mode unless ``WANDB_MODE`` says otherwise or
     an account is configured; offline runs write ``wandb/offline-run-*/run-*.wandb`` under
-    ``save_dir`` and can be uploaded later with ``wandb sync``.
+    ``save_dir`` (made absolute) and can be uploaded later with ``wandb sync``.
 
     ``log_model`` is Lightning's (``True``: the ModelCheckpoint files at the end of a
     successful fit; ``"all"``: every checkpoint as it is saved; ``False``: none), with
@@ -59,6 +59,12 @@ class WandbLogger(_LightningWandbLogger):
     def __init__(self, *args: Any, offline: bool | None = None,
                  log_model: bool | Literal["all"] | None = None, **kwargs: Any) -> None:
         offline = resolve_offline(offline)
+        # Absolute: W&B's service process (shared by every run of this process) resolves a
+        # relative folder against its own working directory, so after a chdir a second
+        # in-process run would write no run file.
+        for key in ("save_dir", "dir"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = os.path.abspath(os.fspath(kwargs[key]))
         if os.environ.get("WANDB_MODE") == "disabled":
             kwargs.setdefault("mode", "disabled")  # no run files at all
         # (a CLI passes project=None explicitly: setdefault would keep it)
