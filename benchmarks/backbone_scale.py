@@ -10,7 +10,7 @@ state, activations) is its own. A meta-step is what Lightning's automatic optimi
 optimiser step and ``zero_grad``; timed with ``time.perf_counter`` after ``--warmup`` steps,
 median over ``--steps`` steps, with the forward / backward / optimiser split.
 
-Rows ``large, dense`` vs ``large``: the same model with the item table's gradient dense and
+Rows ``large-dense`` vs ``large``: the same model with the item table's gradient dense and
 ``torch.optim.Adam``, against the recipe's sparse gradient and ``metarec.optim.LazyAdam``.
 Sizes run one after the other (each needs its own process for its peak memory): compare rows
 of one run of this script, on an otherwise idle machine.
@@ -51,7 +51,7 @@ SIZES: dict[str, list[str]] = {
                "--model.backbone_args.layers", "4", "--model.backbone_args.heads", "4",
                "--model.backbone_args.ffn", "512", "--model.backbone_args.scorer_hidden", "[128]"],
     "large": [],
-    "large, dense": DENSE,
+    "large-dense": DENSE,
 }
 
 
