@@ -42,6 +42,14 @@ from metarec.functional import (
 )
 from metarec.metrics import MetricsConfig
 from metarec.policy import AdaptationPolicy
+from metarec.ranges import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    UnitFraction,
+)
 from metarec.registry import PluginError, available, build, reset_registry, resolve
 from metarec.schema import DataSchema, FeatureSpec
 from metarec.tracking import log_curve, log_table
@@ -56,4 +64,7 @@ __all__ = [
     "encode_ids", "inputs", "masked_loss", "numeric_column", "read_frame", "require_columns",
     "reset_registry", "resolve", "select_parameters", "load_backbone", "load_checkpoint",
     "train_recipe", "building_for_inference", "for_inference", "log_curve", "log_table",
+    # range types for plugin signatures, checked when a recipe is parsed (metarec.ranges)
+    "ClosedUnitInterval", "NonNegativeFloat", "NonNegativeInt", "PositiveFloat", "PositiveInt",
+    "UnitFraction",
 ]

@@ -32,8 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metarec import Backbone, DataSchema, build, select_parameters
-from metarec.ranges import PositiveFloat, PositiveInt
+from metarec import Backbone, DataSchema, PositiveFloat, PositiveInt, build, select_parameters
 
 
 class LoRALinear(nn.Module):

@@ -14,8 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from metarec import ENCODED, Backbone, DataSchema
-from metarec.ranges import PositiveInt
+from metarec import ENCODED, Backbone, DataSchema, PositiveInt
 
 
 class MeLU(Backbone):

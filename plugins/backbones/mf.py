@@ -33,8 +33,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from metarec import Backbone, DataSchema
-from metarec.ranges import NonNegativeFloat, PositiveInt
+from metarec import Backbone, DataSchema, NonNegativeFloat, PositiveInt
 from metarec_plugins.backbones.twotower import FeatureEmbeddings
 
 

@@ -30,8 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarec import ENCODED, Backbone, DataSchema
-from metarec.ranges import NonNegativeInt, PositiveFloat, PositiveInt, UnitFraction
+from metarec import (
+    ENCODED,
+    Backbone,
+    DataSchema,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    UnitFraction,
+)
 from metarec_plugins.backbones.lora import add_lora
 from metarec_plugins.backbones.twotower import FeatureEmbeddings, mlp
 

@@ -31,8 +31,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from metarec import Backbone, DataSchema, FeatureSpec
-from metarec.ranges import PositiveFloat, PositiveInt
+from metarec import Backbone, DataSchema, FeatureSpec, PositiveFloat, PositiveInt
 from metarec_plugins.backbones.lora import LoRALinear, add_lora
 
 

@@ -13,8 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from metarec import Dataset, Feature, FeatureSpec, InteractionTable
-from metarec.ranges import ClosedUnitInterval, NonNegativeFloat, PositiveInt
+from metarec import (
+    ClosedUnitInterval,
+    Dataset,
+    Feature,
+    FeatureSpec,
+    InteractionTable,
+    NonNegativeFloat,
+    PositiveInt,
+)
 
 # Above this many (user, item) cells, distinct items are drawn by rejection instead of by
 # sorting a random key per cell (which needs num_users x num_items memory).

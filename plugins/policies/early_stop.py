@@ -25,10 +25,15 @@ import math
 import torch
 from torch.func import grad, grad_and_value, vmap
 
-from metarec import SGD, AdaptationPolicy, FeatureBatch, FunctionalModel, MetaAlgorithm, Params
-from metarec.ranges import (
+from metarec import (
+    SGD,
+    AdaptationPolicy,
+    FeatureBatch,
+    FunctionalModel,
+    MetaAlgorithm,
     NonNegativeFloat,
     NonNegativeInt,
+    Params,
     PositiveFloat,
     PositiveInt,
     UnitFraction,

@@ -33,8 +33,10 @@ from metarec import (
     MetaAlgorithm,
     Objective,
     Params,
+    PositiveFloat,
+    PositiveInt,
+    UnitFraction,
 )
-from metarec.ranges import PositiveFloat, PositiveInt, UnitFraction
 
 
 def _int(name: str, value: Any, minimum: int) -> int:

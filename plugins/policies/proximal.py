@@ -13,8 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from metarec import InnerOptimizer, Params
-from metarec.ranges import NonNegativeInt, PositiveFloat, UnitFraction
+from metarec import InnerOptimizer, NonNegativeInt, Params, PositiveFloat, UnitFraction
 from metarec_plugins.policies.finetune import FineTune
 
 
