@@ -113,6 +113,11 @@ PLUGIN_KEYS = (("model", "backbone", "backbones"), ("model", "algorithm", "algor
                ("model", "policy", "policies"), ("data", "dataset", "datasets"))
 
 
+# Outer optimisers that accept a mix of sparse and dense gradients.
+SPARSE_OPTIMIZERS = ("metarec.optim.LazyAdam", "torch.optim.SGD", "torch.optim.Adagrad",
+                     "torch.optim.sgd.SGD", "torch.optim.adagrad.Adagrad")
+
+
 def validate_recipe(config: Any) -> list[str]:
     """What is wrong with a parsed recipe (one line each, naming the key), before instantiation.
 
@@ -120,7 +125,8 @@ def validate_recipe(config: Any) -> list[str]:
     ``data.tasks`` (:class:`~metarec.data.tasks.TaskConfig`) type. This adds what it cannot see:
     the plugin argument dicts (``model.algorithm_args`` and the others, checked against the
     plugin's signature by :func:`metarec.registry.validate_args`), the rules that span several
-    ``data.tasks`` fields, and ``model.optimizer``'s ``lr > 0``. Nothing is instantiated.
+    ``data.tasks`` fields, ``model.optimizer``'s ``lr > 0``, and an optimiser that accepts
+    sparse gradients when the backbone produces them. Nothing is instantiated.
     """
     problems: list[str] = []
     for section, field, kind in PLUGIN_KEYS:
@@ -147,6 +153,16 @@ def validate_recipe(config: Any) -> list[str]:
     if isinstance(lr, (int, float)) and not isinstance(lr, bool) and not lr > 0:
         problems.append(f"model.optimizer.init_args.lr = {lr!r} is invalid for the outer "
                         f"optimizer {optimizer.class_path}: must be > 0")
+    model = config.get("model")
+    backbone_args = model.get("backbone_args") if model is not None else None
+    sparse = bool(backbone_args and dict(backbone_args).get("sparse_item_gradients"))
+    optimizer_class = getattr(optimizer, "class_path", None) or "torch.optim.Adam (default)"
+    if sparse and optimizer_class not in SPARSE_OPTIMIZERS:
+        problems.append(
+            f"model.optimizer: {optimizer_class} does not take the sparse gradients that "
+            "model.backbone_args.sparse_item_gradients produces; use metarec.optim.LazyAdam "
+            "(Adam on dense gradients, lazy Adam on sparse ones), torch.optim.SGD or "
+            "torch.optim.Adagrad")
     return problems
 
 

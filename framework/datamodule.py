@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -59,11 +59,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class _EpochSampler(DistributedSampler):
     """The meta-training order: a pure function of (seed, epoch), sharded by rank.
 
-    Every rank draws the same permutation (``shuffle``: from ``seed + epoch``, never from the
-    global RNG; otherwise ``0..n-1``) and takes its shard ``r, r + W, ...`` (``W = 1`` in a
-    single process); the last ``n mod W`` positions of the permutation are left out, so that
-    no task is seen twice in an epoch and every rank runs the same number of steps. ``start`` skips that many of this rank's indices in the next pass only
-    (set when resuming mid-epoch)."""
+    Every rank draws the same order (``shuffle``: a permutation from ``seed + epoch``, never
+    from the global RNG, as ``DistributedSampler`` draws it; otherwise ``0..n-1``, rotated by
+    ``epoch * (n mod W)``) and takes its shard ``r, r + W, ...`` (``W = 1`` in a single
+    process). The last ``n mod W`` positions of the order are left out, so that no task is seen
+    twice in an epoch and every rank runs the same number of steps; the rotation makes a
+    different tail sit out each epoch when the order is fixed. ``start`` skips that many of
+    this rank's indices in the next pass only (set when resuming mid-epoch)."""
 
     def __init__(self, n: int, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
         super().__init__(_TaskIndices(n), num_replicas=num_replicas, rank=rank,
@@ -71,18 +73,30 @@ class _EpochSampler(DistributedSampler):
         self.start = 0
 
     def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n).roll(-(self.epoch * (n % self.num_replicas)) % max(n, 1))
+        shard = order[:self.total_size][self.rank:self.total_size:self.num_replicas].tolist()
         start, self.start = self.start, 0
-        return iter(list(super().__iter__())[start:])
+        return iter(shard[start:])
 
 
 class ResumableLoader(DataLoader):
     """The meta-training DataLoader: stateful, so that a run resumed from a mid-epoch
     checkpoint continues with exactly the next batch.
 
-    Lightning saves ``state_dict()`` (the epoch and the batches already yielded in it) with the
-    fit loop's state in every checkpoint taken during fit, and hands it back through
+    Lightning saves ``state_dict()`` (the epoch and the batches already trained on in it) with
+    the fit loop's state in every checkpoint taken during fit, and hands it back through
     ``load_state_dict()`` when ``fit(ckpt_path=...)`` resumes mid-epoch; the next pass then
-    skips the batches already trained on. ``rng_state``, when set (by
+    skips the batches already trained on. A batch counts once its training step has run
+    (``progress``, set by the datamodule, reads Lightning's processed-batch count): a checkpoint
+    taken by an exception in the middle of a step (Ctrl-C in the backward pass, say) makes the
+    resumed run train that batch again, from the RNG state it had when the batch was handed
+    out (:meth:`rng_for_checkpoint`). ``rng_state``, when set (by
     :meth:`EpisodeDataModule.load_state_dict`), is restored as the next pass yields its first
     batch: right before the next training step, as in the uninterrupted run. The loader draws
     nothing from the global RNG itself: its order comes from :class:`_EpochSampler`, its
@@ -95,6 +109,8 @@ class ResumableLoader(DataLoader):
         self._yielded = 0
         self._resume: dict[str, int] | None = None
         self.rng_state: dict[str, Any] | None = None
+        self.progress: Callable[[], int] | None = None
+        self._rng_at_yield: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         # A generator: nothing happens before the first batch is asked for, which is after
@@ -110,12 +126,24 @@ class ResumableLoader(DataLoader):
             if self.rng_state is not None:
                 _set_rng_state(self.rng_state)
                 self.rng_state = None
+            self._rng_at_yield = _rng_state()
             self._yielded += 1
             yield batch
 
+    def _in_step(self) -> bool:
+        """Whether the last batch handed out has not finished its training step."""
+        return self.progress is not None and self.progress() < self._yielded
+
+    def rng_for_checkpoint(self) -> dict[str, Any]:
+        """The RNG states to save now: the current ones between steps; inside a step (an
+        exception checkpoint), those of the moment its batch was handed out."""
+        if self._in_step() and self._rng_at_yield is not None:
+            return self._rng_at_yield
+        return _rng_state()
+
     def state_dict(self) -> dict[str, int]:
         epoch = self.sampler.epoch if self._epoch is None else self._epoch
-        return {"epoch": epoch, "batches": self._yielded}
+        return {"epoch": epoch, "batches": self._yielded - int(self._in_step())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
@@ -224,6 +252,9 @@ class EpisodeDataModule(pl.LightningDataModule):
         # fixed order (Lightning's injected sampler would shuffle): rank r gets tasks r, r + W...
         # With W ranks, up to W - 1 tasks of the (shuffled) order are left out of an epoch so
         # that every rank runs the same number of steps; none is seen twice.
+        if len(tasks) < world:
+            raise ValueError(f"data: {len(tasks)} meta-training task(s) cannot be shared by {world} "
+                             "ranks (each rank needs at least one); use more users or fewer ranks")
         sampler = _EpochSampler(len(tasks), world, rank, self.shuffle, self.order_seed())
         return ResumableLoader(_TaskIndices(len(tasks)), sampler=sampler,
                                batch_size=self.batch_size, **common)
@@ -231,12 +262,18 @@ class EpisodeDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         loader = self._loader("train")
         loader.rng_state, self._rng_state = self._rng_state, None
+        trainer = self.trainer
+        if trainer is not None:  # batches whose training step has run, in the current epoch
+            loader.progress = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        self._train_loader = loader
         return loader
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in every checkpoint: the global RNG states (torch CPU and CUDA, numpy, python)
-        at that moment, which dropout and randomised inner loops draw from."""
-        return {"rng": _rng_state()}
+        """Saved in every checkpoint: the global RNG states (torch CPU and CUDA, numpy, python),
+        which dropout and randomised inner loops draw from: those of this moment, or, for a
+        checkpoint taken inside a training step, those of the start of that step."""
+        loader = getattr(self, "_train_loader", None)
+        return {"rng": loader.rng_for_checkpoint() if loader is not None else _rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """On ``fit(ckpt_path=...)``: the saved RNG states are restored when the next training

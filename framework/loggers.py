@@ -62,9 +62,9 @@ class WandbLogger(_LightningWandbLogger):
         # Absolute: W&B's service process (shared by every run of this process) resolves a
         # relative folder against its own working directory, so after a chdir a second
         # in-process run would write no run file.
-        for key in ("save_dir", "dir"):
-            if kwargs.get(key) is not None:
-                kwargs[key] = os.path.abspath(os.fspath(kwargs[key]))
+        kwargs["save_dir"] = os.path.abspath(os.fspath(kwargs.get("save_dir") or "."))
+        if kwargs.get("dir") is not None:
+            kwargs["dir"] = os.path.abspath(os.fspath(kwargs["dir"]))
         if os.environ.get("WANDB_MODE") == "disabled":
             kwargs.setdefault("mode", "disabled")  # no run files at all
         # (a CLI passes project=None explicitly: setdefault would keep it)

@@ -148,7 +148,7 @@ class AdaptationMetrics(nn.Module):
                losses: torch.Tensor, base_losses: torch.Tensor) -> None:
         """Add one batch of tasks at adaptation ``step``: scores ``(B, Q)``, losses ``(B,)``.
 
-        A task with no query entry (an empty slot padding a DDP rank's share) counts nowhere.
+        A task with no query entry counts nowhere.
         """
         weights = query["mask"].any(1).to(losses.dtype)
         mask, labels = query["mask"], query["label"]

@@ -13,6 +13,7 @@ from metarec import registry
 from metarec.data.episodes import EpisodeBatch
 from metarec.functional import FunctionalModel, masked_loss, select_parameters
 from metarec.metrics import AdaptationMetrics, MetricsConfig
+from metarec.optim import clip_gradients
 from metarec.schema import DataSchema
 from metarec.tracking import log_curve, log_table
 
@@ -125,6 +126,19 @@ class MetaLearner(pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except with sparse gradients (e.g. the transformer's
+        ``sparse_item_gradients``), which ``torch.nn.utils.clip_grad_*`` reject: then
+        :func:`metarec.optim.clip_gradients` clips dense and sparse gradients together."""
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        if gradient_clip_val and any(p.grad.is_sparse for p in params):
+            clip_gradients(params, float(gradient_clip_val), gradient_clip_algorithm or "norm")
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- adaptation and evaluation --------------------------------------------------------
     def adapt(self, batch: EpisodeBatch) -> list[dict[str, torch.Tensor]]:

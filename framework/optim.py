@@ -93,3 +93,34 @@ class LazyAdam(Optimizer):
         state["exp_avg_sq"].index_copy_(0, rows, v)
         p.index_add_(0, rows, m.div_(correction1).div_((v / correction2).sqrt_().add_(eps)),
                      alpha=-lr)
+
+
+@torch.no_grad()
+def clip_gradients(parameters: Iterable[torch.Tensor], clip_value: float,
+                   algorithm: str = "norm") -> None:
+    """Gradient clipping that also handles sparse gradients (``torch.nn.utils.clip_grad_*``
+    fail on them): ``norm`` scales every gradient so that their joint 2-norm is at most
+    ``clip_value`` (sparse gradients count with the norm of their coalesced values, i.e. of
+    the rows they hold, exactly as their dense form would); ``value`` clamps every entry to
+    ``[-clip_value, clip_value]``.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if algorithm == "value":
+        for i, g in enumerate(grads):
+            if g.is_sparse:
+                g = g.coalesce()
+                g.values().clamp_(-clip_value, clip_value)
+                grads[i].copy_(g)
+            else:
+                g.clamp_(-clip_value, clip_value)
+        return
+    if algorithm != "norm":
+        raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {algorithm!r}")
+    norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g)
+             for g in grads]
+    if not norms:
+        return
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = (clip_value / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale)

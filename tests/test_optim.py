@@ -91,3 +91,44 @@ def test_transformer_sparse_item_gradient_equals_the_dense_one(schema, batch):  
     for name, g in grads[False].items():
         if name != table:
             torch.testing.assert_close(grads[True][name], g)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clipping_sparse_gradients_equals_clipping_their_dense_form(algorithm):
+    from metarec.optim import clip_gradients
+
+    grads = {}
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(10, 3, sparse=sparse), nn.Linear(3, 1))
+        (model(torch.tensor([1, 1, 4])) ** 2).sum().mul(10).backward()
+        if sparse:
+            clip_gradients(model.parameters(), 0.3, algorithm)
+        elif algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
+        else:
+            torch.nn.utils.clip_grad_value_(model.parameters(), 0.3)
+        grads[sparse] = [p.grad.to_dense() if p.grad.is_sparse else p.grad
+                         for p in model.parameters()]
+    clipped = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads[False]]))
+    assert clipped <= 0.3 + 1e-6 if algorithm == "norm" else grads[False][0].abs().max() <= 0.3
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b)
+
+
+def test_scale_recipe_style_fit_with_sparse_gradients_and_clipping(in_tmp):
+    """A small sparse-gradient transformer with LazyAdam and gradient clipping trains from the
+    CLI (torch's own clipping raises on sparse gradients)."""
+    from conftest import REPO
+    from metarec.cli import MetarecCLI
+
+    cli = MetarecCLI(args=[
+        "fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--trainer.max_steps", "2",
+        "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.gradient_clip_val", "0.01",
+        "--model.backbone", "transformer",
+        "--model.backbone_args", "{dim: 8, layers: 1, heads: 2, sparse_item_gradients: true}",
+        "--model.optimizer", "{class_path: metarec.optim.LazyAdam, init_args: {lr: 0.01}}",
+        "--data.history_length", "4", "--data.dataset_args", "{num_users: 120, num_items: 60}"])
+    assert cli.trainer.global_step == 2
+    assert cli.model.backbone.item_embedding.sparse

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -155,11 +156,23 @@ def test_training_order_is_a_function_of_seeds_and_epoch(monkeypatch):
     fixed = EpisodeDataModule(dataset_args=SMALL,
                               shuffle=False)
     assert _order(fixed.train_dataloader(), 3) == fixed.splits["train"].users.tolist()
-    n = len(dm.splits["train"])
-    single = list(_EpochSampler(n, 1, 0, True, 7))
-    shards = [list(_EpochSampler(n, 2, r, True, 7)) for r in (0, 1)]
-    padded = single + single[:len(shards[0]) * 2 - n]
-    assert shards == [padded[0::2], padded[1::2]]
+    for n in (len(dm.splits["train"]), 7):  # even and odd task counts
+        single = list(_EpochSampler(n, 1, 0, True, 7))
+        shards = [list(_EpochSampler(n, 2, r, True, 7)) for r in (0, 1)]
+        kept = single[:2 * (n // 2)]  # the last n mod 2 positions sit out this epoch
+        assert shards == [kept[0::2], kept[1::2]]
+    # Fixed order over 2 ranks: a different task sits out each epoch, none twice in one.
+    left_out = []
+    for epoch in range(3):
+        shards = []
+        for r in (0, 1):
+            sampler = _EpochSampler(7, 2, r, False, 0)
+            sampler.set_epoch(epoch)
+            shards.append(list(sampler))
+        seen = shards[0] + shards[1]
+        assert len(seen) == len(set(seen)) == 6
+        left_out.append(set(range(7)) - set(seen))
+    assert left_out == [{6}, {0}, {1}]
 
 
 def test_a_new_fit_in_the_same_folder_starts_from_scratch(tmp_path, capsys):
@@ -175,3 +188,51 @@ def test_a_new_fit_in_the_same_folder_starts_from_scratch(tmp_path, capsys):
     batches = _recorded(again)
     assert len(batches) == STEPS and batches[0][:2] == (0, 0)
     assert again.trainer.global_step == STEPS
+
+
+class _InterruptInsideStep(pl.Callback):
+    """Ctrl-C in the middle of training step ``step`` (after its forward and backward, before
+    the optimiser step), so the exception checkpoint is taken inside the step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_from_inside_a_step_retrains_that_batch(runs, monkeypatch):
+    """An exception checkpoint taken inside step 8: the resumed run trains batch 8 again, from
+    the RNG state it had when the batch was handed out, and ends exactly as the uninterrupted
+    run (the loader counts batches whose step has run, not batches handed out)."""
+    import helpers.interrupt as helper_module
+
+    root, full, params, batches, _ = runs
+    monkeypatch.setattr(helper_module, "InsideStep", _InterruptInsideStep, raising=False)
+    with pytest.raises(SystemExit):
+        _fit(root / "inside", "--trainer.callbacks+",
+             f"{{class_path: helpers.interrupt.InsideStep, init_args: {{step: {INTERRUPT}}}}}")
+    ckpt = root / "inside" / "runs" / "interrupted" / "on_exception.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] == INTERRUPT
+    resumed = _fit(root / "inside-resumed", "--ckpt_path", str(ckpt))
+    assert _recorded(resumed) == batches[INTERRUPT:]
+    assert resumed.trainer.global_step == STEPS
+    for name, value in _params(resumed).items():
+        assert torch.equal(value, params[name]), name
+
+
+def test_fewer_training_tasks_than_ranks_is_an_error(monkeypatch):
+    """Each rank needs a task (the tail is left out, so 1 task on 2 ranks would train nothing)."""
+    from metarec.datamodule import EpisodeDataModule
+
+    dm = EpisodeDataModule(dataset_args=SMALL)
+    n = len(dm.splits["train"])
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: n + 1)
+    with pytest.raises(ValueError, match=f"{n} meta-training task.*{n + 1} ranks"):
+        dm.train_dataloader()
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: n)
+    assert len(list(dm.train_dataloader().sampler)) == 1

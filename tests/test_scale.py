@@ -22,12 +22,22 @@ def _assert_distinct_per_user(counts: np.ndarray, items: np.ndarray, num_items: 
 
 
 def test_rejection_draw_gives_distinct_items_even_when_collisions_are_common(monkeypatch):
-    # 40 of 50 items per user: first draws collide almost surely, so redraw rounds must run.
+    # 5 of 50 items per user: about one user in five collides on the first draw, so redraw
+    # rounds must run (the sparse regime where redrawing is used).
     monkeypatch.setattr(synthetic, "_DENSE_DRAW_CELLS", 0)  # force the large-catalogue path
-    counts = np.full(300, 40)
+    counts = np.full(3000, 5)
     items = _distinct_items(np.random.default_rng(0), counts, 50)
     _assert_distinct_per_user(counts, items, 50)
     np.testing.assert_array_equal(items, _distinct_items(np.random.default_rng(0), counts, 50))
+
+
+def test_dense_large_problems_draw_by_blocks_not_by_endless_redraws(monkeypatch):
+    """Users who rate most of a catalogue: the permutation draw, a block of users at a time
+    (redrawing repeats would take thousands of rounds)."""
+    monkeypatch.setattr(synthetic, "_DENSE_DRAW_CELLS", 50 * 200)  # 50 users per block
+    counts = np.random.default_rng(0).integers(150, 201, 2000)
+    items = _distinct_items(np.random.default_rng(1), counts, 200)
+    _assert_distinct_per_user(counts, items, 200)
 
 
 def test_million_item_catalogue_loads_without_a_users_by_items_matrix():

@@ -11,10 +11,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from metarec.data.errors import DataError
 from metarec.data.table import InteractionTable
+from metarec.ranges import NonNegativeInt, PositiveInt
 
 SPLITS = ("train", "val", "test")
 

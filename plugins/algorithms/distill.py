@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveFloat
 from torch.func import vmap
 
 from metarec import (
+    ClosedUnitInterval,
     EpisodeBatch,
     FunctionalModel,
+    NonNegativeInt,
+    PositiveFloat,
     building_for_inference,
     inputs,
     load_backbone,

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from jsonargparse.typing import NonNegativeInt, PositiveFloat
-
+from metarec import NonNegativeInt, PositiveFloat
 from metarec_plugins.algorithms.maml import MAML
 
 

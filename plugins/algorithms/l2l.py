@@ -18,10 +18,17 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveFloat
 from torch import nn
 
-from metarec import SGD, EpisodeBatch, FunctionalModel, InnerOptimizer, MetaAlgorithm
+from metarec import (
+    SGD,
+    EpisodeBatch,
+    FunctionalModel,
+    InnerOptimizer,
+    MetaAlgorithm,
+    NonNegativeInt,
+    PositiveFloat,
+)
 
 
 def _import_learn2learn():

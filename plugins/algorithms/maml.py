@@ -14,11 +14,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveFloat
 from torch import nn
 from torch.func import vmap
 
-from metarec import SGD, EpisodeBatch, FunctionalModel, InnerOptimizer, MetaAlgorithm
+from metarec import (
+    SGD,
+    EpisodeBatch,
+    FunctionalModel,
+    InnerOptimizer,
+    MetaAlgorithm,
+    NonNegativeInt,
+    PositiveFloat,
+)
 
 
 class MAML(MetaAlgorithm):

@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveFloat
 from torch import nn
 
-from metarec import SGD, FunctionalModel, InnerOptimizer
+from metarec import SGD, FunctionalModel, InnerOptimizer, NonNegativeInt, PositiveFloat
 from metarec_plugins.algorithms.maml import MAML
 
 

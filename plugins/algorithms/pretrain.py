@@ -11,9 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveFloat
 
-from metarec import EpisodeBatch, FunctionalModel, MetaAlgorithm, masked_loss
+from metarec import (
+    EpisodeBatch,
+    FunctionalModel,
+    MetaAlgorithm,
+    NonNegativeInt,
+    PositiveFloat,
+    masked_loss,
+)
 
 
 class Pretrain(MetaAlgorithm):

@@ -22,10 +22,18 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveFloat
 from torch.func import vmap
 
-from metarec import SGD, Adam, EpisodeBatch, FunctionalModel, InnerOptimizer, MetaAlgorithm
+from metarec import (
+    SGD,
+    Adam,
+    EpisodeBatch,
+    FunctionalModel,
+    InnerOptimizer,
+    MetaAlgorithm,
+    NonNegativeInt,
+    PositiveFloat,
+)
 
 
 class Reptile(MetaAlgorithm):

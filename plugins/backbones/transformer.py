@@ -131,8 +131,9 @@ class Transformer(Backbone):
         lora_targets: ``fnmatch`` patterns of the linear layers to adapt.
         sparse_item_gradients: give the item-id table a sparse gradient (only the rows a
             batch reads), for large vocabularies; the outer optimiser must accept sparse
-            gradients (``metarec.optim.LazyAdam``; ``torch.optim.Adam`` does not), and
-            gradient clipping by norm does not apply to them.
+            gradients (``metarec.optim.LazyAdam``; ``torch.optim.Adam`` does not: checked when
+            the recipe is parsed); gradient clipping handles them
+            (``metarec.optim.clip_gradients``).
     """
 
     needs_history = True

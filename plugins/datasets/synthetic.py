@@ -20,27 +20,37 @@ from metarec import (
     FeatureSpec,
     InteractionTable,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveInt,
 )
 
-# Above this many (user, item) cells, distinct items are drawn by rejection instead of by
-# sorting a random key per cell (which needs num_users x num_items memory).
+# Above this many (user, item) cells, distinct items are not drawn with one argsort of a
+# random key per cell (which needs num_users x num_items memory); see _distinct_items.
 _DENSE_DRAW_CELLS = 20_000_000
 
 
 def _distinct_items(rng: np.random.Generator, counts: np.ndarray, num_items: int) -> np.ndarray:
     """``counts[u]`` distinct random items for every user ``u``, concatenated user by user.
 
-    Small catalogues: the first ``counts[u]`` entries of a random permutation per user (one
-    ``num_users x num_items`` argsort). Large catalogues (e.g. a million items): draw with
-    replacement, then redraw only the entries that repeat an item of the same user, until
-    none do; memory is O(interactions), and since a user rates a tiny fraction of a large
-    catalogue, a round or two suffices.
+    Small problems: the first ``counts[u]`` entries of a random permutation per user (one
+    ``num_users x num_items`` argsort). Large catalogues that users rate sparsely (e.g. a
+    million items): draw with replacement, then redraw only the entries that repeat an item of
+    the same user, until none do; memory is O(interactions) and a few rounds suffice. Large
+    problems where users rate a sizeable share of the catalogue (where redrawing would take
+    many rounds): the permutation draw, a block of users at a time.
     """
     n_u = len(counts)
+
+    def permutation_draw(block: np.ndarray) -> np.ndarray:
+        keys = rng.random((len(block), num_items)).argsort(axis=1)
+        return keys[np.arange(num_items)[None, :] < block[:, None]]
+
     if n_u * num_items <= _DENSE_DRAW_CELLS:
-        keys = rng.random((n_u, num_items)).argsort(axis=1)
-        return keys[np.arange(num_items)[None, :] < counts[:, None]]
+        return permutation_draw(counts)
+    if counts.max(initial=0) > 0.1 * num_items:
+        size = max(1, _DENSE_DRAW_CELLS // num_items)
+        return np.concatenate([permutation_draw(counts[lo:lo + size])
+                               for lo in range(0, n_u, size)])
     users = np.repeat(np.arange(n_u, dtype=np.int64), counts)
     items = rng.integers(0, num_items, len(users))
     while True:
@@ -72,7 +82,8 @@ class SyntheticDataset(Dataset):
                  num_clusters: PositiveInt = 4, latent_dim: PositiveInt = 8,
                  heterogeneity: NonNegativeFloat = 0.3, noise: NonNegativeFloat = 0.3,
                  min_interactions: PositiveInt = 15, max_interactions: PositiveInt = 60,
-                 feature_informativeness: ClosedUnitInterval = 0.25, seed: int = 0) -> None:
+                 feature_informativeness: ClosedUnitInterval = 0.25,
+                 seed: NonNegativeInt = 0) -> None:
         if min(num_users, num_items, num_clusters, latent_dim) < 1:
             raise ValueError("num_users, num_items, num_clusters and latent_dim must be >= 1")
         if not 1 <= min_interactions <= max_interactions <= num_items:

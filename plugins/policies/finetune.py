@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from jsonargparse.typing import NonNegativeInt, PositiveFloat
 from torch.func import vmap
 
 from metarec import (
@@ -12,7 +11,9 @@ from metarec import (
     FunctionalModel,
     InnerOptimizer,
     MetaAlgorithm,
+    NonNegativeInt,
     Params,
+    PositiveFloat,
 )
 
 
