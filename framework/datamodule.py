@@ -56,6 +56,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+def _world() -> tuple[int, int]:
+    """(world size, rank): (1, 0) outside ``torch.distributed``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
 class _EpochSampler(DistributedSampler):
     """The meta-training order: a pure function of (seed, epoch), sharded by rank.
 
@@ -233,9 +240,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         common = dict(num_workers=self.num_workers, collate_fn=collate,
                       persistent_workers=self.num_workers > 0,
                       generator=torch.Generator().manual_seed(self.seed))
-        world, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        world, rank = _world()
         if split != "train":
             # Fixed order. Under DDP, every task exactly once: rank r evaluates tasks r, r + W, ...
             # and ranks may run one batch more or fewer (metric states are gathered once, at
@@ -273,13 +278,28 @@ class EpisodeDataModule(pl.LightningDataModule):
         which dropout and randomised inner loops draw from: those of this moment, or, for a
         checkpoint taken inside a training step, those of the start of that step."""
         loader = getattr(self, "_train_loader", None)
-        return {"rng": loader.rng_for_checkpoint() if loader is not None else _rng_state()}
+        rng = loader.rng_for_checkpoint() if loader is not None else _rng_state()
+        world, _ = _world()
+        if world == 1:
+            return {"rng": rng}
+        # Under DDP the ranks' RNG states differ (each draws for its own tasks) and only rank
+        # 0 writes the checkpoint: gather every rank's (every rank saves a checkpoint at the
+        # same point, so all of them are here).
+        states: list[Any] = [None] * world
+        torch.distributed.all_gather_object(states, rng)
+        return {"rng": rng, "rng_by_rank": states}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """On ``fit(ckpt_path=...)``: the saved RNG states are restored when the next training
-        batch is drawn (see :class:`ResumableLoader`), so that what runs between loading and
-        training (a sanity check, say) draws nothing that the uninterrupted run did not."""
-        self._rng_state = state.get("rng")
+        """On ``fit(ckpt_path=...)``: the saved RNG states (this rank's, under DDP) are restored
+        when the next training batch is drawn (see :class:`ResumableLoader`), so that what
+        runs between loading and training (a sanity check, say) draws nothing that the
+        uninterrupted run did not."""
+        world, rank = _world()
+        by_rank = state.get("rng_by_rank")
+        if by_rank is not None and len(by_rank) == world:
+            self._rng_state = by_rank[rank]
+        else:  # saved by a single process, or by a different number of ranks
+            self._rng_state = state.get("rng")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

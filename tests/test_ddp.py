@@ -123,3 +123,44 @@ def test_ddp_test_table_holds_every_test_user_once(tmp_path):
         assert float(row["query_loss_after"]) == pytest.approx(
             float(by_user[row["user"]]["query_loss_after"]), rel=1e-5)
     assert two["test/loss"] == pytest.approx(one["test/loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_resume_equals_the_uninterrupted_run(tmp_path):
+    """2 ranks, dropout and shuffling on: a fit interrupted mid-epoch (Ctrl-C on both ranks at
+    step 5) and resumed with --ckpt_path ends with the parameters of the uninterrupted fit.
+    Each rank's RNG state is saved and restored (ranks draw different dropout masks)."""
+    base = ["--config", str(REPO / "recipes" / "quickstart.yaml"), "--trainer.accelerator", "cpu",
+            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "2",
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
+            "--model.backbone", "transformer",
+            "--model.backbone_args", "{dim: 8, layers: 1, heads: 2, dropout: 0.3}",
+            "--model.algorithm_args", "{inner_steps: 1, inner_lr: 0.05}",
+            "--data.history_length", "4", "--data.batch_size", "8",
+            "--data.dataset_args", "{num_users: 80, num_items: 60, seed: 0}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "disabled"}
+
+    def fit(where, *extra):
+        where.mkdir()
+        callbacks = [f"{{class_path: helpers.ddp.SaveParameters, init_args: {{dirpath: {where}}}}}"]
+        args = [sys.executable, "-m", "metarec", "fit", *base, *extra]
+        for callback in callbacks:
+            args += ["--trainer.callbacks+", callback]
+        return subprocess.run(args, cwd=where, env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    full = fit(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    fit(tmp_path / "cut", "--trainer.callbacks+",
+        "{class_path: helpers.interrupt.InterruptAt, init_args: {step: 5}}")
+    ckpt = tmp_path / "cut" / "runs" / "interrupted" / "on_exception.ckpt"
+    assert ckpt.exists()
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 5
+    resumed = fit(tmp_path / "resumed", "--ckpt_path", str(ckpt))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "full" / "rank0.pt")
+    for rank in (0, 1):
+        b = torch.load(tmp_path / "resumed" / f"rank{rank}.pt")
+        assert _max_diff(a, b) == 0.0, rank
