@@ -54,6 +54,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _results import write_json  # benchmarks/_results.py (scripts run from here)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -297,19 +298,6 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(Path(args.json), result, "quick" if args.quick else "full")
     return result
 
-
-def write_json(out: Path, result: dict, mode: str) -> None:
-    """This run at the top level; the latest run of each mode (quick, full) under runs_by_mode."""
-    runs: dict = {}
-    if out.is_file():
-        try:
-            runs = json.loads(out.read_text()).get("runs_by_mode", {})
-        except (json.JSONDecodeError, AttributeError):
-            runs = {}
-    runs[mode] = result
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**result, "mode": mode, "runs_by_mode": runs}, indent=2) + "\n")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

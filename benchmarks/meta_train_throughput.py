@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import write_json  # benchmarks/_results.py (scripts run from here)
 
 from metarec import DataError, Feature, FeatureSpec, InteractionTable, TaskConfig, build_tasks
 from metarec.data.episodes import EpisodeBatch, EpisodeCollator
@@ -420,22 +421,10 @@ def main(argv: list[str] | None = None) -> dict:
               "rerun on an idle machine", file=sys.stderr)
 
     if args.json:
-        write_json(Path(args.json), result, "quick" if args.quick else "full")
+        write_json(Path(args.json), result, "quick" if args.quick else "full",
+                   omit=("tasks_per_s_runs",))
     return result
 
-
-def write_json(out: Path, result: dict, mode: str) -> None:
-    """This run at the top level; the latest run of each mode (quick, full) under runs_by_mode."""
-    runs: dict = {}
-    if out.is_file():
-        try:
-            runs = json.loads(out.read_text()).get("runs_by_mode", {})
-        except (json.JSONDecodeError, AttributeError):
-            runs = {}
-    runs[mode] = {k: v for k, v in result.items() if k not in ("tasks_per_s_runs",)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**result, "mode": mode, "runs_by_mode": runs}, indent=2) + "\n")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
