@@ -85,6 +85,22 @@ def assert_vmap_matches_loop(model, fast, slow, query, per_task) -> None:
     assert (batched - shared).abs().max() > 1e-6
 
 
+def assert_inner_loop_changes_exactly(backbone, model, names, support) -> None:
+    """Two MAML inner steps on one task change exactly the parameters ``names`` (two: LoRA's A
+    only moves once B has left zero), and never write the module itself."""
+    from metarec_plugins.algorithms.maml import MAML
+
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    fast, slow = model.split()
+    adapted = MAML(inner_steps=2, inner_lr=0.1).adapt(model, fast, slow, support)
+    after = {**slow, **adapted}
+    assert set(after) == {n for n, _ in backbone.named_parameters()}
+    changed = {n for n, p in backbone.named_parameters() if not torch.equal(after[n], p)}
+    assert changed == set(names)
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run in a temporary directory (runs/ and wandb/ files land there)."""

@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import REPO, assert_vmap_matches_loop, synthetic_batch, synthetic_setup
+from conftest import (
+    REPO,
+    assert_inner_loop_changes_exactly,
+    assert_vmap_matches_loop,
+    synthetic_batch,
+    synthetic_setup,
+)
 from metarec import FunctionalModel, build, select_parameters
 from metarec.cli import MetarecCLI
 from metarec_plugins.algorithms.maml import MAML
@@ -126,17 +132,8 @@ def test_declared_fast_parameters_are_exactly_what_the_inner_loop_changes(schema
     backbone = make(schema, config)
     names = set(select_parameters(backbone, backbone.default_fast_parameters()))
     assert names == CONFIGS[config][2]
-    model = functional(backbone)
-    state = {k: v.clone() for k, v in backbone.state_dict().items()}
-    fast, slow = model.split()
-    # Two steps: LoRA's A only moves once B has left zero.
-    adapted = MAML(inner_steps=2, inner_lr=0.1).adapt(model, fast, slow, task(batch.support, 0))
-    after = {**slow, **adapted}
-    assert set(after) == {n for n, _ in backbone.named_parameters()}
-    changed = {n for n, p in backbone.named_parameters() if not torch.equal(after[n], p)}
-    assert changed == names
-    for k, v in backbone.state_dict().items():  # adaptation never writes the module
-        assert torch.equal(v, state[k]), k
+    assert_inner_loop_changes_exactly(backbone, functional(backbone), names,
+                                      task(batch.support, 0))
 
 
 @pytest.mark.parametrize("config", CONFIGS)

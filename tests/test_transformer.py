@@ -9,7 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, assert_vmap_matches_loop, synthetic_setup
+from conftest import (
+    REPO,
+    assert_inner_loop_changes_exactly,
+    assert_vmap_matches_loop,
+    synthetic_setup,
+)
 from metarec import (
     ENCODED,
     SGD,
@@ -265,15 +270,7 @@ def test_declared_fast_parameters_are_exactly_what_the_inner_loop_changes(schema
     model = functional(backbone)
     # The encoder fast path is on exactly when no fast parameter is in the encoder.
     assert model.encodes == (not any(n.startswith("blocks") for n in names))
-    state = {k: v.clone() for k, v in backbone.state_dict().items()}
-    fast, slow = model.split()
-    adapted = MAML(inner_steps=2, inner_lr=0.1).adapt(model, fast, slow, task(batch.support, 0))
-    after = {**slow, **adapted}
-    assert set(after) == {n for n, _ in backbone.named_parameters()}
-    changed = {n for n, p in backbone.named_parameters() if not torch.equal(after[n], p)}
-    assert changed == names
-    for k, v in backbone.state_dict().items():
-        assert torch.equal(v, state[k]), k
+    assert_inner_loop_changes_exactly(backbone, model, names, task(batch.support, 0))
     head = select_parameters(backbone, backbone.head_parameters())
     assert set(head) == ({"output.weight", "output.bias"} if not kwargs
                          else {"output.lora_A", "output.lora_B"} if len(kwargs) == 1
