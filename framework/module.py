@@ -133,11 +133,12 @@ class MetaLearner(pl.LightningModule):
         """Lightning's clipping, except with sparse gradients (e.g. the transformer's
         ``sparse_item_gradients``), which ``torch.nn.utils.clip_grad_*`` reject: then
         :func:`metarec.optim.clip_gradients` clips dense and sparse gradients together."""
-        params = [p for group in optimizer.param_groups for p in group["params"]
-                  if p.grad is not None]
-        if gradient_clip_val and any(p.grad.is_sparse for p in params):
-            clip_gradients(params, float(gradient_clip_val), gradient_clip_algorithm or "norm")
-            return
+        if gradient_clip_val:
+            params = [p for group in optimizer.param_groups for p in group["params"]
+                      if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                clip_gradients(params, float(gradient_clip_val), gradient_clip_algorithm or "norm")
+                return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- adaptation and evaluation --------------------------------------------------------
