@@ -14,7 +14,7 @@ export WANDB_SILENT ?= true
 L2L_VENV ?= $(HOME)/.cache/metarec/l2l-venv
 L2L_SCRIPT ?= ../shared/tools/learn2learn-venv.sh
 
-.PHONY: setup quickstart test test-l2l lint results clean
+.PHONY: setup quickstart test test-l2l lint results docs-tables clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ lint: setup
 
 results: setup
 	$(PY) benchmarks/ml100k_results.py --json benchmarks/results/ml100k_results.json
+
+# Re-render the generated tables of docs/*.md from benchmarks/results/ (after a benchmark ran);
+# tests/test_docs_tables.py fails while a committed table differs.
+docs-tables: setup
+	$(PY) benchmarks/docs_tables.py --write
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache

@@ -263,6 +263,30 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def markdown(result: dict) -> str:
+    """The table of docs/results.md from the JSON, the goal's row (melu, 5 steps, eager) in bold
+    (benchmarks/docs_tables.py renders it)."""
+    def ms(x: float) -> str:
+        return f"{x:.2f}" if x < 10 else f"{x:.1f}"
+
+    lines = ["| backbone | steps | mode | one user p50 (ms) | p95 (ms) | top-10 p50 (ms) "
+             "| batched users/s | compile (s) |", "|---" * 8 + "|"]
+    for backbone in result["backbones"]:
+        for r in result[backbone]["results"]:
+            if "error" in r:
+                lines.append(f"| {backbone} | {r['steps']} | {r['mode']} | error: {r['error']} "
+                             "| | | | |")
+                continue
+            goal = backbone == "melu" and r["steps"] == 5 and r["mode"] == "eager"
+            cells = [str(r["steps"]), r["mode"], ms(r["single_p50_ms"]), ms(r["single_p95_ms"]),
+                     ms(r["recommend_p50_ms"]), f"{r['batched_users_per_s']:,.0f}",
+                     f"{r['compile_s']:.1f}" if "compile_s" in r else ""]
+            if goal:
+                cells = [f"**{c}**" if i in (0, 1, 2, 5) else c for i, c in enumerate(cells)]
+            lines.append(f"| {backbone} | " + " | ".join(cells).rstrip() + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",

@@ -91,6 +91,17 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
 
+def markdown(result: dict) -> str:
+    """The table of docs/results.md (benchmarks/docs_tables.py renders it from the JSON)."""
+    lines = ["| size | backbone params | fast params | fast % | peak RSS (GB) | s / meta-step "
+             "| forward | backward | optimiser |", "|---" * 9 + "|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['size']} | {r['backbone']:,} | {r['fast']:,} | {100 * r['fast_fraction']:.3f} "
+                     f"| {r['peak_rss_gb']:.2f} | {r['step_s']:.2f} | {r['forward_s']:.2f} "
+                     f"| {r['backward_s']:.2f} | {r['optimizer_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,19 +130,12 @@ def main(argv: list[str] | None = None) -> None:
         r = rows[-1]
         print(f"{size}: {r['backbone'] / 1e6:.1f}M params, {r['step_s']:.2f} s/step, "
               f"{r['peak_rss_gb']:.2f} GB", file=sys.stderr, flush=True)
-    header = ("| size | backbone params | fast params | fast % | peak RSS (GB) | s / meta-step "
-              "| forward | backward | optimiser |")
-    print(header)
-    print("|---" * 9 + "|")
-    for r in rows:
-        print(f"| {r['size']} | {r['backbone']:,} | {r['fast']:,} | {100 * r['fast_fraction']:.3f} "
-              f"| {r['peak_rss_gb']:.2f} | {r['step_s']:.2f} | {r['forward_s']:.2f} "
-              f"| {r['backward_s']:.2f} | {r['optimizer_s']:.2f} |")
     result = {"benchmark": "backbone_scale", "recipe": str(RECIPE.relative_to(REPO)),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "python": platform.python_version()},
               "steps": steps, "warmup": args.warmup, "quick": args.quick, "rows": rows}
+    print(markdown(result))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
 

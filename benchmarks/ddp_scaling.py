@@ -300,5 +300,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 
+def markdown(result: dict) -> str:
+    """The table of docs/results.md from the JSON, the multi-rank speedups in bold
+    (benchmarks/docs_tables.py renders it)."""
+    base = result["configs_ranks_x_threads"][0]
+    lines = [f"| algorithm | ranks x threads | tasks/rank/step | tasks/s | s/step | vs {base[0]} x {base[1]} "
+             f"| final train loss | steps with the {base[0]} x {base[1]} loss |", "|---" * 8 + "|"]
+    for r in result["rows"]:
+        speedup = f"{r['speedup']:.2f}"
+        lines.append(f"| {r['algorithm']} | {r['ranks']} x {r['threads_per_rank']} | {r['per_rank_batch']} "
+                     f"| {r['tasks_per_s']:.1f} | {r['s_per_step']:.3f} "
+                     f"| {f'**{speedup}**' if r['ranks'] > 1 else speedup} | {r['final_train_loss']:.4f} "
+                     f"| {r['leading_steps_loss_match']}/{r['steps_total']} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()

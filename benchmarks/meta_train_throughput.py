@@ -252,6 +252,28 @@ class CpuShare:
 # ----------------------------------------------------------------------------- main
 
 
+def markdown(result: dict) -> str:
+    """The table of docs/results.md from the JSON: tasks/s of the latest quick and full runs
+    (benchmarks/docs_tables.py renders it)."""
+    runs = result["runs_by_mode"]
+    quick, full = runs.get("quick", {}), runs["full"]
+    labels = {"vmap": "metarec: `torch.func` inner loop, vmapped over tasks",
+              "loop": "per-task Python loop, `torch.autograd.grad` (each task trimmed to its own length)",
+              "l2l": f"learn2learn {full.get('learn2learn')} `MAML` clone/adapt loop "
+                     f"(torch {str(full.get('l2l_torch')).split('+')[0]}, own venv)"}
+    lines = [f"| path | tasks/s (`--quick`) | tasks/s (full: {full['batches_per_pass']} batches x "
+             f"{full['repeats']} repeats) | vs loop |", "|---|---|---|---|"]
+    for path, label in labels.items():
+        rate = full.get(f"{path}_tasks_per_s")
+        if rate is None:
+            continue
+        ratio = f"{rate / full['loop_tasks_per_s']:.1f}x"
+        quick_rate = quick.get(f"{path}_tasks_per_s")
+        lines.append(f"| {label} | {'–' if quick_rate is None else f'{quick_rate:.0f}'} | {rate:.0f} | "
+                     + (f"**{ratio}**" if path == "vmap" else ratio) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a short run (under a minute)")

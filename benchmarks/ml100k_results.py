@@ -156,6 +156,61 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def compact(summary: dict, part: str, columns: dict[str, str], seconds: bool = True,
+            chance: bool = True, bold: bool = True) -> str:
+    """One ``part`` of the summary (``threshold``, ``recbole_step0``, ...) to 3 decimals, one row
+    per algorithm (``columns``: header -> metric), with ``bold`` the best of each column in bold
+    (when rows differ), a chance row from ``{rule}_random``; `` ± std`` omitted where it is 0."""
+    def cell(x):
+        return f"{x['mean']:.3f}" + (f" ± {x['std']:.3f}" if round(x["std"], 3) else "")
+
+    names = list(summary)
+    if len({name.split("/")[0] for name in names}) == 1:  # one backbone: rows by algorithm
+        names = [name.split("/", 1)[-1] for name in names]
+    body = {name: [] for name in names}
+    for metric in columns.values():
+        entries = [entry[part][metric] for entry in summary.values()]
+        means = [round(e["mean"], 3) for e in entries]
+        best = min(means) if metric in ("mae", "rmse") else max(means)
+        for name, e, mean in zip(names, entries, means):
+            strong = bold and mean == best and len(set(means)) > 1
+            body[name].append(f"**{cell(e)}**" if strong else cell(e))
+    heads = ["algorithm", *columns] + (["s/epoch"] if seconds else [])
+    lines = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
+    for (name, cells), entry in zip(body.items(), summary.values()):
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + (f" | {entry['sec_per_epoch']:.2f} |" if seconds else " |"))
+    if chance:
+        rnd = next(iter(summary.values()))[part.split("_")[0] + "_random"]
+        lines.append("| random ranking (chance) | " + " | ".join(
+            cell(rnd[m]) if m in rnd else "–" for m in columns.values()) + (" | |" if seconds else " |"))
+    return "\n".join(lines)
+
+
+# Renderers of the tables in docs/results.md (benchmarks/docs_tables.py), from the written JSON.
+
+def adapted_table(result: dict) -> str:
+    return compact(result["summary"], "threshold", {
+        "MAE": "mae", "RMSE": "rmse", "nDCG@5": "ndcg@5", "Precision@5": "precision@5",
+        "Recall@5": "recall@5", "MRR@5": "mrr@5"})
+
+
+def recbole_table(result: dict) -> str:
+    return compact(result["summary"], "recbole", {
+        "Precision@5 = Recall@5": "precision@5", "HitRate@5": "hitrate@5", "nDCG@5": "ndcg@5",
+        "MRR@5": "mrr@5"}, seconds=False)
+
+
+def step0_table(result: dict) -> str:
+    return compact(result["summary"], "threshold_step0", {
+        "MAE": "mae", "nDCG@5": "ndcg@5", "Precision@5": "precision@5", "MRR@5": "mrr@5"},
+        seconds=False, chance=False, bold=False)
+
+
+def backbones_tables(result: dict) -> str:
+    return markdown(result["summary"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default="melu")
