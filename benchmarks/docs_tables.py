@@ -69,7 +69,8 @@ def register(name: str, source: str) -> Callable[[Render], Render]:
 
 
 class TableError(Exception):
-    """An unknown table name, a missing result file or an unclosed block."""
+    """An unknown table name, a missing result file, a render function that does not import, or
+    an unclosed block."""
 
 
 def load(path: Path) -> object:
@@ -91,7 +92,10 @@ def render(name: str, root: Path = REPO) -> str:
         module, _, attr = fn.partition(":")
         if str(HERE) not in sys.path:
             sys.path.insert(0, str(HERE))  # the scripts import each other by bare name
-        fn = getattr(importlib.import_module(module), attr)
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise TableError(f"table {name!r}: cannot import its render function {fn!r}: {exc}") from exc
     return fn(load(path)).strip()
 
 

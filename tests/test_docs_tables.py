@@ -78,15 +78,20 @@ def test_unknown_table_name_is_a_clear_error(tmp_path, capsys):
         docs_tables.render("no-such-table")
 
 
-def test_missing_result_file_and_unclosed_block_are_errors(tmp_path, monkeypatch):
+def test_missing_file_bad_render_function_and_unclosed_block_are_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(docs_tables.TABLES, "gone", ("benchmarks/results/gone.json", str))
+    monkeypatch.setitem(docs_tables.TABLES, "typo", ("benchmarks/results/ddp_scaling.json",
+                                                     "ddp_scaling:no_such_function"))
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.md").write_text("<!-- table: gone -->\n<!-- /table -->\n")
     (docs / "b.md").write_text("<!-- table: simulate-online -->\n| never closed |\n")
+    (docs / "c.md").write_text("<!-- table: typo -->\n<!-- /table -->\n")
     problems = docs_tables.run(docs, write=False)
     assert any("a.md" in p and "benchmarks/results/gone.json is missing" in p for p in problems)
     assert any("b.md" in p and "without its <!-- /table -->" in p for p in problems)
+    assert any("c.md" in p and "cannot import its render function 'ddp_scaling:no_such_function'" in p
+               for p in problems)
 
 
 def test_register_plugs_in_a_renderer(tmp_path, monkeypatch):
