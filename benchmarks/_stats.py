@@ -19,7 +19,9 @@ checks everything against scipy.stats.
 
 from __future__ import annotations
 
+import functools
 import math
+from statistics import NormalDist
 
 import numpy as np
 
@@ -75,8 +77,16 @@ def t_cdf(x: float, df: float) -> float:
     return 1.0 - tail if x > 0 else tail
 
 
+def t_pdf(x: float, df: float) -> float:
+    """Density of Student's t with ``df`` degrees of freedom."""
+    log_c = math.lgamma((df + 1.0) / 2.0) - math.lgamma(df / 2.0) - 0.5 * math.log(df * math.pi)
+    return math.exp(log_c - (df + 1.0) / 2.0 * math.log1p(x * x / df))
+
+
+@functools.lru_cache(maxsize=4096)
 def t_ppf(q: float, df: float) -> float:
-    """The ``q`` quantile of Student's t with ``df`` degrees of freedom (bisection)."""
+    """The ``q`` quantile of Student's t with ``df`` degrees of freedom (Newton's method,
+    safeguarded by bisection; closed forms for df = 1, 2)."""
     if not 0.0 < q < 1.0:
         raise ValueError(f"q must be in (0, 1), got {q}")
     if df <= 0:
@@ -85,19 +95,28 @@ def t_ppf(q: float, df: float) -> float:
         return -t_ppf(1.0 - q, df)
     if q == 0.5:
         return 0.0
-    hi = 1.0
+    if df == 1:
+        return math.tan(math.pi * (q - 0.5))
+    if df == 2:
+        return (2.0 * q - 1.0) / math.sqrt(2.0 * q * (1.0 - q))
+    lo, hi = 0.0, 1.0
     while t_cdf(hi, df) < q:
-        hi *= 2.0
-    lo = 0.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < q:
-            lo = mid
+        lo, hi = hi, hi * 2.0
+    x = min(max(NormalDist().inv_cdf(q), lo), hi)
+    for _ in range(100):
+        f = t_cdf(x, df) - q
+        if f < 0:
+            lo = x
         else:
-            hi = mid
-        if hi - lo <= 1e-13 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+            hi = x
+        step = f / t_pdf(x, df)
+        new = x - step
+        if not lo < new < hi:  # Newton left the bracket: bisect
+            new = 0.5 * (lo + hi)
+        if abs(new - x) <= 1e-14 * max(1.0, abs(x)):
+            return new
+        x = new
+    return x
 
 
 def norm_sf(z: float) -> float:

@@ -1,0 +1,912 @@
+"""User cold-start study: methods x user folds x seeds x support sizes K, per-user results.
+
+Every eligible user is a test user exactly once per seed: run ``(method, fold i, seed s)``
+meta-trains the method's recipe with ``--seed_everything s --data.seed s --data.folds F
+--data.fold i`` (the fold assignment differs per seed; validation users come from the training
+folds), keeps the epoch with the best ``val/mae`` (the recipe's ``checkpoint:`` block), and
+tests fold i's users at every support cap K of ``--k`` (``--data.eval_support``: each test user's
+support cut to K interactions, nested random subsets, ``all`` = no cap; the same users and query
+items for every K). Per-user metrics before (step 0) and after adaptation go to one JSON, which
+is written (atomically) after every finished run: an interrupted study resumes where it stopped,
+skipping the runs already in the file.
+
+    python benchmarks/cold_start.py --study benchmarks/studies/ml100k_kshot.yaml
+    python benchmarks/cold_start.py --recipes recipes/movielens-100k/mf-maml.yaml,recipes/movielens-100k/mf-pretrain.yaml \\
+        --baseline mf-pretrain --folds 10 --seeds 0 --k 1,3,5,10,20,all \\
+        --json benchmarks/results/cold_start.json --markdown /tmp/cold_start.md
+    python benchmarks/cold_start.py --study ... --quick        # smoke test: 2 folds, 1 epoch, K 1,all
+    python benchmarks/cold_start.py --json benchmarks/results/cold_start.json --summarise  # tables only
+    python benchmarks/cold_start.py --study ... -- --trainer.max_epochs 5   # extra overrides, every run
+
+Methods. ``--recipes a.yaml,b.yaml``: one method per recipe, named by the file's stem. Or a study
+file (``--study``, YAML), which names methods as recipe + overrides, so that one recipe can be
+compared under different settings::
+
+    description: MovieLens-100K user cold start, K-shot
+    baseline: mf-pretrain              # a method name (or its recipe path)
+    folds: 10
+    seeds: [0]
+    k: [1, 3, 5, 10, 20, all]
+    overrides: []                      # CLI overrides for every method (before --'s)
+    methods:
+      - name: mf-maml
+        recipe: recipes/movielens-100k/mf-maml.yaml
+        overrides: ["--model.algorithm_args.inner_steps", "3"]   # optional
+      - {name: mf-pretrain, recipe: recipes/movielens-100k/mf-pretrain.yaml}
+
+Command-line ``--baseline/--folds/--seeds/--k`` override the study file's values. A run is keyed
+by (method name, fold, seed); resuming refuses a file whose folds, K, extra overrides or a
+method's recipe/overrides differ from the current ones (``--fresh`` starts the file over).
+
+JSON layout::
+
+    {"protocol": str, "config": {folds, seeds, k, baseline, extra, quick, methods: {name:
+     {recipe, overrides}}}, "command": str, "complete": bool, "torch_threads": int,
+     "summary": {...},                        # summarise(): what the tables show
+     "runs": [{method, recipe, overrides, command, fold, seed, fit_seconds, sec_per_epoch,
+               epochs, best_epoch, monitor, best_score, tested ("best" | "final"), max_step,
+               torch_threads, users: {train, val, test, eligible}, tasks: {...},
+               rows: {"user": [...], "k": [...], "step": [...], "support_size": [...],
+                      "diverged": [...], "mae": [...], "rmse": [...], "ndcg@5": [...], ...}}],
+     "chance": [{fold, seed, mean_rating, draws, rows: {"user": [...], "mae": [...], ...}}]}
+
+``rows`` are columnar, one entry per (test user, K, step) for step 0 and the final step only,
+floats rounded to 6 decimals, ``null`` where a metric is undefined for a user (e.g. nDCG with no
+relevant query item). ``chance`` (one per fold and seed: the test users do not depend on the
+method) scores the same users' query items with uniform random scores (mean over ``draws``
+seeded draws) for the ranking metrics, and predicts every query rating with the mean training
+rating for MAE/RMSE.
+
+Statistics (benchmarks/_stats.py): per-user values are averaged over seeds first; a cell is the
+mean over users with a 95% t-interval (``--ci bootstrap``: percentile bootstrap); a difference
+is method - baseline on the same users (inner join on (seed, fold, user, K)), with a 95% paired
+percentile-bootstrap CI (10,000 resamples, seeded) and the two-sided Wilcoxon signed-rank
+p-value. Users whose value is undefined are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))  # the benchmark scripts import each other by bare name
+
+import _stats  # noqa: E402  (benchmarks/_stats.py)
+
+DEFAULT_JSON = REPO / "benchmarks" / "results" / "cold_start.json"
+QUICK = {"folds": 2, "k": [1, None], "epochs": 1}
+# Quiet, and no logger; checkpointing stays on so that the best epoch can be tested.
+QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+         "--trainer.enable_model_summary", "false"]
+# Callbacks the CLI adds by default that only print (removed from each run's trainer).
+NOISY_CALLBACKS = ("MetricsSummary", "ParameterCount")
+TABLE_METRICS = {"explicit": ("mae", "rmse", "ndcg@5"), "implicit": ("auc", "ndcg@5")}
+LOWER_IS_BETTER = {"mae", "rmse", "loss", "user_mae", "user_rmse"}
+METRIC_TITLES = {"mae": "MAE", "rmse": "RMSE", "auc": "AUC", "loss": "query loss"}
+RESULT_KEYS = ("user", "k", "step", "support_size", "diverged")
+
+
+# -- methods and studies -----------------------------------------------------------------
+@dataclass
+class Method:
+    """A named method: a recipe plus CLI overrides."""
+
+    name: str
+    recipe: str
+    overrides: list[str] = field(default_factory=list)
+
+    def spec(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "overrides": list(self.overrides)}
+
+
+def _recipe_path(recipe: str | Path) -> str:
+    """A recipe path as stored: relative to the repository root when inside it."""
+    path = Path(recipe)
+    if not path.is_absolute():
+        path = (Path.cwd() / path) if (Path.cwd() / path).is_file() else (REPO / path)
+    path = path.resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {recipe} not found")
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def methods_from_recipes(recipes: Iterable[str]) -> list[Method]:
+    """One method per recipe path, named by the file's stem."""
+    methods = [Method(Path(r).stem, _recipe_path(r)) for r in recipes if r]
+    _check_names(methods)
+    return methods
+
+
+def _check_names(methods: Sequence[Method]) -> None:
+    names = [m.name for m in methods]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"method names must be unique, repeated: {', '.join(dupes)} "
+                         "(name them in a study file)")
+    if not methods:
+        raise ValueError("no method given: --recipes or --study")
+
+
+def parse_k(values: str | Iterable[Any]) -> list[int | None]:
+    """``"1,3,all"`` or ``[1, 3, "all"]`` -> ``[1, 3, None]``."""
+    items = values.split(",") if isinstance(values, str) else list(values)
+    out: list[int | None] = []
+    for item in items:
+        text = str(item).strip().lower()
+        if text in ("all", "none", "null"):
+            out.append(None)
+        else:
+            k = int(text)
+            if k < 1:
+                raise ValueError(f"K must be >= 1 or 'all', got {item}")
+            out.append(k)
+    if len(set(out)) != len(out) or not out:
+        raise ValueError(f"K values must be distinct and non-empty, got {values}")
+    return out
+
+
+def k_label(k: int | None) -> str:
+    return "all" if k is None else str(k)
+
+
+def load_study(path: str | Path) -> dict[str, Any]:
+    """A study file: ``{description, baseline, folds, seeds, k, overrides, methods: [Method]}``."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(data) - {"description", "baseline", "folds", "seeds", "k", "overrides",
+                           "methods"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    methods = []
+    for i, entry in enumerate(data.get("methods") or []):
+        if not isinstance(entry, dict) or "recipe" not in entry:
+            raise ValueError(f"{path}: methods[{i}] needs at least a recipe")
+        bad = set(entry) - {"name", "recipe", "overrides"}
+        if bad:
+            raise ValueError(f"{path}: methods[{i}]: unknown keys {sorted(bad)}")
+        overrides = [str(o) for o in entry.get("overrides") or []]
+        methods.append(Method(str(entry.get("name") or Path(entry["recipe"]).stem),
+                              _recipe_path(entry["recipe"]), overrides))
+    _check_names(methods)
+    study = {"description": data.get("description"), "baseline": data.get("baseline"),
+             "folds": data.get("folds"), "seeds": data.get("seeds"),
+             "k": parse_k(data["k"]) if data.get("k") is not None else None,
+             "overrides": [str(o) for o in data.get("overrides") or []], "methods": methods}
+    if isinstance(study["seeds"], int):
+        study["seeds"] = [study["seeds"]]
+    return study
+
+
+def resolve_baseline(baseline: str | None, methods: Sequence[Method]) -> str:
+    """The baseline method's name, from a name or a recipe path."""
+    if baseline is None:
+        raise ValueError("name the baseline method: --baseline (or baseline: in the study file)")
+    for m in methods:
+        if m.name == baseline:
+            return m.name
+    try:
+        path = _recipe_path(baseline)
+    except FileNotFoundError:
+        path = None
+    matches = [m.name for m in methods if path is not None and m.recipe == path]
+    if len(matches) == 1:
+        return matches[0]
+    raise ValueError(f"baseline {baseline!r} is none of the methods "
+                     f"({', '.join(m.name for m in methods)})"
+                     + (" (several use that recipe: give its name)" if len(matches) > 1 else ""))
+
+
+# -- one run -----------------------------------------------------------------------------
+def epoch_timer() -> Any:
+    """A Lightning callback timing each training epoch, validation excluded (``seconds``), and
+    the validation passes of fit (``val_seconds``). Lightning is imported only here, so that
+    ``markdown`` (docs tables) loads without it."""
+    import lightning.pytorch as pl
+
+    class EpochTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.val_seconds = 0.0
+            self._start = self._val = self._val_start = 0.0
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self._start, self._val = time.perf_counter(), 0.0
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            self._val_start = time.perf_counter()
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            seconds = time.perf_counter() - self._val_start
+            self._val += seconds
+            self.val_seconds += seconds
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.seconds.append(time.perf_counter() - self._start - self._val)
+
+    return EpochTimer()
+
+
+def _clean(value: Any) -> Any:
+    """A JSON-ready scalar: floats rounded to 6 decimals (NaN/inf -> None), numpy/torch -> python."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    return value
+
+
+def columnar(records: Sequence[dict[str, Any]], steps: Iterable[int] | None = None) -> dict[str, list]:
+    """Per-user result dicts -> ``{column: [values]}`` (steps filtered when given)."""
+    keep = set(steps) if steps is not None else None
+    chosen = [r for r in records if keep is None or int(r["step"]) in keep]
+    columns: list[str] = [c for c in RESULT_KEYS if any(c in r for r in chosen)]
+    for r in chosen:
+        columns += [c for c in r if c not in columns]
+    return {c: [_clean(r.get(c)) for r in chosen] for c in columns}
+
+
+def _best_epoch(path: str) -> int | None:
+    match = re.search(r"epoch=(\d+)", Path(path).name)
+    if match:
+        return int(match.group(1))
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False).get("epoch", -1))
+
+
+def chance_rows(cli: Any, seed: int, draws: int = 20) -> dict[str, Any]:
+    """Chance level on the run's test users: ranking metrics of uniform random scores (mean over
+    ``draws`` seeded draws) and, explicit feedback, MAE/RMSE of predicting every query rating
+    with the mean training rating."""
+    import torch
+
+    from metarec.data import EpisodeCollator
+    from metarec.metrics import per_task_metrics
+
+    dm = cli.datamodule
+    tasks, train = dm.splits["test"], dm.splits["train"]
+    feedback, rating_range = dm.splits.feedback, dm.schema.rating_range
+    config = cli.model.metrics_config
+    batch = EpisodeCollator(tasks, dm.table)(list(range(len(tasks))))
+    shape = batch.query["label"].shape
+    lo, hi = rating_range if (feedback == "explicit" and rating_range) else (0.0, 1.0)
+    gen = torch.Generator().manual_seed(int(seed))
+    sums: dict[str, torch.Tensor] = {}
+    for _ in range(draws):
+        scores = torch.rand(shape, generator=gen) * (hi - lo) + lo
+        for name, value in per_task_metrics(scores, batch.query, batch.users, feedback, config,
+                                            rating_range).items():
+            if name in ("loss", "mae", "rmse"):
+                continue
+            sums[name] = sums.get(name, 0) + value.double() / draws
+    mean_rating = None
+    if feedback == "explicit":
+        labels = torch.cat([train.support_labels[train.support_mask],
+                            train.query_labels[train.query_mask]])
+        mean_rating = float(labels.double().mean())
+        constant = torch.full(shape, mean_rating)
+        per = per_task_metrics(constant, batch.query, batch.users, feedback, config, rating_range)
+        sums = {"mae": per["mae"], "rmse": per["rmse"], **sums}
+    keys = dm.table.user_keys
+    users = [_clean(keys[u]) if keys is not None else int(u) for u in batch.users.tolist()]
+    rows = {"user": users, **{name: [_clean(float(v)) for v in value] for name, value in sums.items()}}
+    return {"mean_rating": _clean(mean_rating), "draws": draws, "rows": rows}
+
+
+def run_one(method: Method, fold: int, seed: int, *, folds: int, ks: Sequence[int | None],
+            extra: Sequence[str] = (), quick: bool = False, chance_draws: int = 20) -> dict:
+    """Meta-train ``method`` on the training folds of ``(fold, seed)``, test its best epoch on
+    fold ``fold``'s users at every K: the run record (and ``"chance"``: the chance rows)."""
+    import torch
+
+    from metarec.cli import MetarecCLI
+
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    recipe = method.recipe if Path(method.recipe).is_absolute() else str(REPO / method.recipe)
+    args = [*QUIET, "--seed_everything", str(seed), "--data.seed", str(seed),
+            "--data.folds", str(folds), "--data.fold", str(fold),
+            "--data.eval_support", json.dumps(list(ks)), *method.overrides, *extra]
+    if quick:
+        args += ["--trainer.max_epochs", str(QUICK["epochs"]),
+                 "--trainer.check_val_every_n_epoch", "1"]
+    root = tempfile.mkdtemp(prefix="metarec-cold-start-")
+    try:
+        cli = MetarecCLI(args=["--config", recipe, *args, "--trainer.default_root_dir", root],
+                         run=False)
+        trainer, model = cli.trainer, cli.model
+        trainer.callbacks[:] = [c for c in trainer.callbacks
+                                if type(c).__name__ not in NOISY_CALLBACKS]
+        for callback in trainer.callbacks:  # everything this run writes stays in `root`
+            if type(callback).__name__ == "InterruptCheckpoint":
+                callback.dirpath = os.path.join(root, "interrupted")
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None:
+            checkpoint.dirpath = os.path.join(root, "checkpoints")
+        timer = epoch_timer()
+        trainer.callbacks.append(timer)
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=cli.datamodule)
+        fit_seconds = time.perf_counter() - start
+        monitor = getattr(checkpoint, "monitor", None)
+        best = getattr(checkpoint, "best_model_path", "") if monitor else ""
+        if best and os.path.isfile(best):
+            tested, best_epoch = "best", _best_epoch(best)
+            best_score = _clean(checkpoint.best_model_score)
+            trainer.test(model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+        else:  # no monitored checkpoint: the final weights
+            tested, best_epoch, best_score = "final", None, None
+            trainer.test(model, datamodule=cli.datamodule, verbose=False)
+        results = getattr(model, "user_results", None)
+        if not results:
+            raise RuntimeError("the model recorded no per-user test results (model.user_results)")
+        max_step = max(int(r["step"]) for r in results)
+        splits = cli.datamodule.splits
+        run = {
+            "method": method.name, "recipe": method.recipe, "overrides": list(method.overrides),
+            "command": "metarec fit " + shlex.join(["--config", method.recipe, *args]),
+            "fold": fold, "seed": seed, "fit_seconds": round(fit_seconds, 3),
+            "sec_per_epoch": round(statistics.median(timer.seconds), 4) if timer.seconds else None,
+            "val_seconds": round(timer.val_seconds, 3), "epochs": trainer.current_epoch,
+            "best_epoch": best_epoch, "monitor": monitor, "best_score": best_score,
+            "tested": tested, "max_step": max_step, "torch_threads": torch.get_num_threads(),
+            "dataset": cli.datamodule.dataset_name, "feedback": splits.feedback,
+            "users": {"train": len(splits.train), "val": len(splits.val),
+                      "test": len(splits.test), "eligible": int(splits.stats["tasks"])},
+            "tasks": _task_config(cli.datamodule.task_config),
+            "rows": columnar(results, {0, max_step}),
+            "chance": chance_rows(cli, seed, chance_draws),
+        }
+        return run
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _task_config(config: Any) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    out = asdict(config) if is_dataclass(config) else dict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+# -- the study ---------------------------------------------------------------------------
+class StudyMismatch(ValueError):
+    """The JSON to resume holds runs of a different study."""
+
+
+def _dumps(result: dict) -> str:
+    """JSON with one line per run and per summary entry (diffs of a growing study stay
+    readable; the file stays small)."""
+    parts = []
+    for key, value in result.items():
+        if key in ("runs", "chance") and value:
+            body = ",\n".join("    " + json.dumps(v, separators=(",", ":"), allow_nan=False)
+                              for v in value)
+            parts.append(f"  {json.dumps(key)}: [\n{body}\n  ]")
+        elif key == "summary" and value:  # one line per entry (per method)
+            body = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v, allow_nan=False)}"
+                              for k, v in value.items())
+            parts.append(f"  {json.dumps(key)}: {{\n{body}\n  }}")
+        else:
+            text = json.dumps(value, indent=2, allow_nan=False).replace("\n", "\n  ")
+            parts.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+def write_atomic(path: Path, result: dict) -> None:
+    """Write the JSON to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = _dumps(result)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_resumable(old: dict, config: dict) -> None:
+    was = old.get("config", {})
+    for key in ("folds", "k", "extra", "quick"):
+        if was.get(key) != config[key]:
+            raise StudyMismatch(f"{key} = {config[key]!r} here but {was.get(key)!r} in the JSON; "
+                                "use another --json, or --fresh to start it over")
+    for name, spec in config["methods"].items():
+        if name in was.get("methods", {}) and was["methods"][name] != spec:
+            raise StudyMismatch(f"method {name!r} is {spec} here but {was['methods'][name]} in "
+                                "the JSON: rename it, use another --json, or --fresh")
+
+
+Runner = Callable[..., dict]
+
+
+def run_study(methods: Sequence[Method], *, baseline: str, folds: int, seeds: Sequence[int],
+              ks: Sequence[int | None], json_path: str | Path, extra: Sequence[str] = (),
+              quick: bool = False, only_folds: Sequence[int] | None = None, fresh: bool = False,
+              progress: bool = True, command: str | None = None, runner: Runner = run_one,
+              stats: dict[str, Any] | None = None) -> dict:
+    """Run every (seed, fold, method) not yet in ``json_path``; write the JSON after each."""
+    json_path = Path(json_path)
+    baseline = resolve_baseline(baseline, methods)
+    config = {"folds": folds, "k": [k_label(k) for k in ks], "extra": list(extra),
+              "quick": quick, "baseline": baseline, "seeds": sorted(set(seeds)),
+              "methods": {m.name: m.spec() for m in methods}}
+    result: dict[str, Any] = {"runs": [], "chance": []}
+    if json_path.is_file() and not fresh:
+        result = json.loads(json_path.read_text())
+        _check_resumable(result, config)
+        config["seeds"] = sorted(set(result["config"].get("seeds", [])) | set(seeds))
+        config["methods"] = {**result["config"].get("methods", {}), **config["methods"]}
+    result = {"protocol": None, "config": config, "command": command, "complete": False,
+              "torch_threads": None, "summary": None, "runs": result.get("runs", []),
+              "chance": result.get("chance", [])}
+    done = {(r["method"], r["fold"], r["seed"]) for r in result["runs"]}
+    chance_done = {(c["fold"], c["seed"]) for c in result["chance"]}
+    fold_list = list(range(folds)) if only_folds is None else sorted(set(only_folds))
+    todo = [(m, fold, seed) for seed in seeds for fold in fold_list for m in methods
+            if (m.name, fold, seed) not in done]
+
+    def finish() -> None:
+        wanted = {(m.name, f, s) for s in config["seeds"] for f in range(folds)
+                  for m in methods}
+        have = {(r["method"], r["fold"], r["seed"]) for r in result["runs"]}
+        result["complete"] = wanted <= have
+        result["protocol"] = protocol(result)
+        result["summary"] = summarise(result, **(stats or {}))
+        write_atomic(json_path, result)
+
+    bar = None
+    if progress and todo:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), TimeRemainingColumn(),
+                       console=Console(stderr=True), transient=False)
+        bar.start()
+        task = bar.add_task("cold start", total=len(todo))
+    try:
+        if not todo and result["runs"]:
+            finish()
+        for method, fold, seed in todo:
+            label = f"{method.name} fold {fold}/{folds} seed {seed}"
+            if bar is not None:
+                bar.update(task, description=label)
+            run = runner(method, fold, seed, folds=folds, ks=ks, extra=extra, quick=quick)
+            chance = run.pop("chance", None)
+            result["runs"].append(run)
+            result["torch_threads"] = run.get("torch_threads")
+            if chance is not None and (fold, seed) not in chance_done:
+                result["chance"].append({"fold": fold, "seed": seed, **chance})
+                chance_done.add((fold, seed))
+            finish()
+            if bar is not None:
+                bar.advance(task)
+                bar.console.print(f"{label}: {_run_line(run)}")
+    finally:
+        if bar is not None:
+            bar.stop()
+    return result
+
+
+def _run_line(run: dict) -> str:
+    rows = run["rows"]
+    metric = "mae" if "mae" in rows else "ndcg@5"
+    parts = []
+    for k in dict.fromkeys(rows["k"]):
+        values = [v for v, kk, s in zip(rows[metric], rows["k"], rows["step"])
+                  if kk == k and s == run["max_step"] and v is not None]
+        if values:
+            parts.append(f"K={k} {metric} {statistics.mean(values):.4f}")
+    best = f"best epoch {run['best_epoch']}" if run["tested"] == "best" else "final weights"
+    return f"{run['fit_seconds']:.0f}s, {best}; " + ", ".join(parts)
+
+
+def merge(paths: Sequence[str | Path]) -> dict:
+    """Runs and chance rows of several JSONs of the same study (from parallel invocations)."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    first = results[0]
+    for other in results[1:]:
+        _check_resumable(other, {**first["config"], "methods": {}})
+    runs: dict[tuple, dict] = {}
+    chance: dict[tuple, dict] = {}
+    methods: dict[str, Any] = {}
+    seeds: set[int] = set()
+    for res in results:
+        for name, spec in res["config"]["methods"].items():
+            if methods.setdefault(name, spec) != spec:
+                raise StudyMismatch(f"method {name!r} differs between the files")
+        seeds |= set(res["config"]["seeds"])
+        for r in res["runs"]:
+            runs.setdefault((r["method"], r["fold"], r["seed"]), r)
+        for c in res["chance"]:
+            chance.setdefault((c["fold"], c["seed"]), c)
+    config = {**first["config"], "methods": methods, "seeds": sorted(seeds)}
+    return {**first, "config": config, "runs": list(runs.values()), "chance": list(chance.values())}
+
+
+# -- statistics --------------------------------------------------------------------------
+def protocol(result: dict) -> str:
+    """One sentence: data, users, folds, query and support rules."""
+    runs = result["runs"]
+    config = result["config"]
+    if not runs:
+        return ""
+    run = runs[0]
+    t = run.get("tasks", {})
+    users = run.get("users", {})
+    ks = ", ".join(config["k"])
+    return (f"{run.get('dataset', '?')} user cold start: {users.get('eligible', '?')} users with "
+            f"{t.get('min_interactions', '?')}-{t.get('max_interactions', '?')} interactions, "
+            f"{config['folds']}-fold user cross-validation (every user a test user once per "
+            f"seed; validation users from the training folds), query = {t.get('query_size', '?')} "
+            f"{t.get('query_strategy', '?')} interactions per user, support capped at K "
+            f"(nested random subsets; K in {ks}), best epoch by "
+            f"{run.get('monitor') or 'none (final weights)'}")
+
+
+def _index(result: dict, metrics: Sequence[str]) -> dict[tuple, dict[tuple, float]]:
+    """One pass over every run's rows: ``{(method, K, stage, metric): {(seed, fold, user):
+    value}}``, stage ``"final"`` (the run's last adaptation step) or ``"0"`` (NaN: undefined)."""
+    out: dict[tuple, dict[tuple, float]] = {}
+    for run in result["runs"]:
+        rows, last = run["rows"], run["max_step"]
+        present = [m for m in metrics if m in rows]
+        for i, (user, k, step) in enumerate(zip(rows["user"], rows["k"], rows["step"])):
+            stages = [st for st, target in (("final", last), ("0", 0)) if step == target]
+            for stage in stages:
+                for metric in present:
+                    v = rows[metric][i]
+                    out.setdefault((run["method"], k, stage, metric), {})[
+                        (run["seed"], run["fold"], user)] = math.nan if v is None else float(v)
+    return out
+
+
+def _by_user(values: dict[tuple, float]) -> dict[Any, float]:
+    """Average over seeds per user (NaN where a user has no defined value)."""
+    acc: dict[Any, list[float]] = {}
+    for (_, _, user), v in values.items():
+        acc.setdefault(user, []).append(v)
+    out = {}
+    for user, vs in acc.items():
+        finite = [v for v in vs if math.isfinite(v)]
+        out[user] = statistics.fmean(finite) if finite else math.nan
+    return out
+
+
+def _paired(a: dict[tuple, float], b: dict[tuple, float]) -> tuple[list[float], list[float]]:
+    """Inner join on (seed, fold, user); per user, both averaged over the seeds where both are
+    defined (a user with none gives NaN: skipped)."""
+    acc: dict[Any, list[tuple[float, float]]] = {}
+    for key in a.keys() & b.keys():
+        acc.setdefault(key[2], [])
+        if math.isfinite(a[key]) and math.isfinite(b[key]):
+            acc[key[2]].append((a[key], b[key]))
+    users = sorted(acc, key=str)
+    xs = [statistics.fmean(p[0] for p in acc[u]) if acc[u] else math.nan for u in users]
+    ys = [statistics.fmean(p[1] for p in acc[u]) if acc[u] else math.nan for u in users]
+    return xs, ys
+
+
+def _chance_by_user(result: dict, metric: str) -> dict[Any, float]:
+    values = {}
+    for c in result.get("chance", []):
+        rows = c["rows"]
+        if metric in rows:
+            for user, v in zip(rows["user"], rows[metric]):
+                values[(c["seed"], c["fold"], user)] = math.nan if v is None else float(v)
+    return _by_user(values)
+
+
+def table_metrics(result: dict) -> list[str]:
+    feedback = next((r.get("feedback") for r in result["runs"]), "explicit") or "explicit"
+    columns = result["runs"][0]["rows"] if result["runs"] else {}
+    return [m for m in TABLE_METRICS.get(feedback, TABLE_METRICS["explicit"]) if m in columns]
+
+
+def summarise(result: dict, metrics: Sequence[str] | None = None, ci: str = "t",
+              level: float = _stats.LEVEL, n_resamples: int = _stats.RESAMPLES,
+              seed: int = 0) -> dict:
+    """Per (method, K): users, diverged users, and per metric the mean and CI after adaptation
+    (``final``) and before (``step0``), and the paired difference against the baseline
+    (``vs_baseline``); per metric the chance level."""
+    config = result["config"]
+    baseline = config["baseline"]
+    metrics = list(metrics) if metrics is not None else table_metrics(result)
+    methods = list(dict.fromkeys(r["method"] for r in result["runs"]))
+    ks = config["k"]
+    out: dict[str, Any] = {
+        "metrics": metrics, "k": ks, "baseline": baseline, "methods": {}, "chance": {},
+        "stats": {"ci": ci, "level": level, "n_resamples": n_resamples, "seed": seed,
+                  **_stats.describe(ci, level, n_resamples)},
+        "seeds": sorted({r["seed"] for r in result["runs"]}),
+        "folds": sorted({r["fold"] for r in result["runs"]}),
+    }
+    index = _index(result, metrics)
+    for method in methods:
+        runs = [r for r in result["runs"] if r["method"] == method]
+        entry: dict[str, Any] = {"runs": len(runs), "max_step": sorted({r["max_step"] for r in runs}),
+                                 "tested_best": sum(r["tested"] == "best" for r in runs),
+                                 "fit_seconds": round(sum(r["fit_seconds"] for r in runs), 1),
+                                 "sec_per_epoch": _median([r.get("sec_per_epoch") for r in runs]),
+                                 "best_epochs": [r.get("best_epoch") for r in runs],
+                                 "k": {}}
+        for k in ks:
+            cell: dict[str, Any] = {}
+            diverged = users = 0
+            for run in runs:
+                rows = run["rows"]
+                for kk, s, d in zip(rows["k"], rows["step"], rows.get("diverged", [False] * len(rows["k"]))):
+                    if kk == k and s == run["max_step"]:
+                        users += 1
+                        diverged += bool(d)
+            cell["rows"], cell["diverged"] = users, diverged
+            for metric in metrics:
+                final = index.get((method, k, "final", metric), {})
+                step0 = index.get((method, k, "0", metric), {})
+                m = {"final": _stats.mean_ci(list(_by_user(final).values()), level, ci,
+                                             n_resamples, seed),
+                     "step0": _stats.mean_ci(list(_by_user(step0).values()), level, ci,
+                                             n_resamples, seed)}
+                if method != baseline:
+                    base = index.get((baseline, k, "final", metric), {})
+                    xs, ys = _paired(final, base)
+                    m["vs_baseline"] = _stats.paired_difference(xs, ys, level, n_resamples, seed)
+                cell[metric] = m
+            cell["users"] = max((cell[m]["final"]["n"] + cell[m]["final"]["n_skipped"]
+                                 for m in metrics), default=0)
+            entry["k"][k] = cell
+        out["methods"][method] = entry
+    for metric in metrics:
+        values = list(_chance_by_user(result, metric).values())
+        if values:
+            out["chance"][metric] = _stats.mean_ci(values, level, ci, n_resamples, seed)
+    ratings = [c.get("mean_rating") for c in result.get("chance", []) if c.get("mean_rating")]
+    out["chance_mean_rating"] = round(statistics.fmean(ratings), 4) if ratings else None
+    return out
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    vs = [v for v in values if v is not None]
+    return round(statistics.median(vs), 4) if vs else None
+
+
+# -- markdown ----------------------------------------------------------------------------
+def _num(x: float | None, signed: bool = False, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _ci_cell(c: dict | None) -> str:
+    if not c or c.get("mean") is None:
+        return "–"
+    if c.get("lo") is None:
+        return _num(c["mean"])
+    return f"{_num(c['mean'])} [{_num(c['lo'])}, {_num(c['hi'])}]"
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "p=–"
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def _diff_cell(d: dict | None) -> str:
+    if not d or d.get("mean") is None:
+        return "–"
+    ci = (f" [{_num(d['lo'], True)}, {_num(d['hi'], True)}]" if d.get("lo") is not None else "")
+    return f"{_num(d['mean'], True)}{ci} {_p(d.get('p'))}"
+
+
+def _title(metric: str) -> str:
+    return METRIC_TITLES.get(metric, metric.replace("ndcg", "nDCG"))
+
+
+def markdown(result: dict) -> str:
+    """The tables of a study JSON (``summary`` as stored, else computed): one per metric, rows
+    methods, columns K; then a footer naming protocol, users, folds, seeds, statistics and the
+    command. ``benchmarks/docs_tables.py`` renders it as the ``cold-start`` table."""
+    summary = result.get("summary") or summarise(result)
+    ks, baseline = summary["k"], summary["baseline"]
+    methods = list(summary["methods"])
+    order = [baseline] + [m for m in methods if m != baseline] if baseline in methods else methods
+    header = "| method | " + " | ".join(f"K={k}" for k in ks) + " |"
+    rule = "|---|" + "---:|" * len(ks)
+    lines: list[str] = []
+    mean_rating = summary.get("chance_mean_rating")
+    for metric in summary["metrics"]:
+        better = "lower" if metric in LOWER_IS_BETTER else "higher"
+        lines += [f"**{_title(metric)}** per user, mean over test users [95% CI] ({better} is "
+                  "better; after adaptation unless marked step 0)", "", header, rule]
+        for name in order:
+            entry = summary["methods"][name]
+            label = f"{name} (baseline)" if name == baseline else name
+            lines.append(f"| {label} | " + " | ".join(
+                _ci_cell(entry["k"].get(k, {}).get(metric, {}).get("final")) for k in ks) + " |")
+        for name in order:
+            if name == baseline or baseline not in summary["methods"]:
+                continue
+            entry = summary["methods"][name]
+            lines.append(f"| {name} − {baseline} | " + " | ".join(
+                _diff_cell(entry["k"].get(k, {}).get(metric, {}).get("vs_baseline"))
+                for k in ks) + " |")
+        for name in order:
+            entry = summary["methods"][name]
+            lines.append(f"| {name}, step 0 (before adaptation) | " + " | ".join(
+                _ci_cell(entry["k"].get(k, {}).get(metric, {}).get("step0")) for k in ks) + " |")
+        chance = summary.get("chance", {}).get(metric)
+        if chance is not None:
+            what = (f"mean training rating{f' ({mean_rating:.2f})' if mean_rating else ''}"
+                    if metric in ("mae", "rmse") else "random scores")
+            lines.append(f"| chance: {what} (any K) | " + " | ".join(_ci_cell(chance) for _ in ks)
+                         + " |")
+        lines.append("")
+    lines += _footer(result, summary)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _footer(result: dict, summary: dict) -> list[str]:
+    stats, baseline = summary["stats"], summary["baseline"]
+    methods = summary["methods"]
+    n_users = sorted({c["users"] for e in methods.values() for c in e["k"].values()})
+    seeds, folds = summary["seeds"], result["config"]["folds"]
+    skipped = []
+    for metric in summary["metrics"]:
+        n = max((c[metric]["final"]["n_skipped"] for e in methods.values()
+                 for c in e["k"].values() if metric in c), default=0)
+        if n:
+            skipped.append(f"{_title(metric)}: up to {n} users without a defined value "
+                           "(e.g. no relevant query item) skipped")
+    diverged = [f"{name} K={k}: {c['diverged']} of {c['rows']}"
+                for name, e in methods.items() for k, c in e["k"].items() if c["diverged"]]
+    steps = sorted({s for e in methods.values() for s in e["max_step"]})
+    training = []
+    for name, e in methods.items():
+        best = [b for b in e.get("best_epochs", []) if b is not None]
+        training.append(f"{name} {e['runs']} runs, {_num(e['sec_per_epoch'], digits=2)} s/epoch, "
+                        f"best epoch (0-based) median "
+                        f"{statistics.median(best) if best else '–'}"
+                        + (f", final weights in {e['runs'] - e['tested_best']} runs"
+                           if e["tested_best"] < e["runs"] else ""))
+    runs_note = "" if result.get("complete") else " **Incomplete study: not every run is in.**"
+    lines = [
+        f"Protocol: {result.get('protocol') or protocol(result)}.{runs_note}",
+        f"Users: {'/'.join(str(n) for n in n_users)} test users per cell ({folds} user folds x "
+        f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))}; "
+        "each user's values averaged over seeds)"
+        + (f"; {'; '.join(skipped)}" if skipped else "") + ".",
+        f"Cells: mean over users [{stats['ci']}]; step 0 = the meta-learned (or pretrained) start, "
+        f"before adaptation; after adaptation = step {'/'.join(map(str, steps))}. Chance: random "
+        "scores (uniform, mean of 20 seeded draws) for ranking metrics, the mean training rating "
+        "predicted for every query rating for MAE/RMSE, on the same test users.",
+        f"Differences: method − {baseline} (baseline) on the same users (paired on seed, fold, "
+        f"user and K, then averaged over seeds per user) [{stats['difference']}]; p: "
+        f"{stats['test']}.",
+        "Diverged users (caught by the divergence guard at the final step): "
+        + ("; ".join(diverged) if diverged else "none") + ". Training (the best validation "
+        "epoch is tested): " + "; ".join(training) + ".",
+    ]
+    if result.get("command"):
+        lines.append(f"Command: `{result['command']}`")
+    return [f"- {line}" for line in lines]
+
+
+# -- command line ------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", help="study file (YAML): methods as recipe + overrides")
+    parser.add_argument("--recipes", help="comma-separated recipe paths (methods named by stem)")
+    parser.add_argument("--baseline", help="baseline method: name or recipe path")
+    parser.add_argument("--folds", type=int, help="user folds F (default: study's, else 10)")
+    parser.add_argument("--only-folds", help="run only these folds, e.g. 0,1,2 (the JSON still "
+                                             "counts the study complete only with all F)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: study's, else 0)")
+    parser.add_argument("--k", help="support sizes, e.g. 1,3,5,10,20,all (default: study's)")
+    parser.add_argument("--json", default=None, help=f"results file (default {DEFAULT_JSON.relative_to(REPO)}, "
+                                                     "with --quick cold_start-quick.json)")
+    parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: {QUICK['folds']} folds, first seed, {QUICK['epochs']} "
+                             "epoch, K 1,all")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--fresh", action="store_true", help="ignore (overwrite) an existing JSON")
+    parser.add_argument("--summarise", action="store_true",
+                        help="run nothing: recompute the summary of --json and print the tables")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="merge these JSONs (parallel invocations) into --json")
+    parser.add_argument("--ci", choices=("t", "bootstrap"), default="t",
+                        help="interval of the cells (differences: paired bootstrap always)")
+    parser.add_argument("--resamples", type=int, default=_stats.RESAMPLES)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("extra", nargs="*", help="extra CLI overrides for every run, after --")
+    args = parser.parse_args(argv)
+    stats = {"ci": args.ci, "n_resamples": args.resamples}
+    json_path = Path(args.json) if args.json else (
+        DEFAULT_JSON.with_name("cold_start-quick.json") if args.quick else DEFAULT_JSON)
+    command = "python benchmarks/cold_start.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+    if args.summarise or args.merge:
+        result = merge(args.merge) if args.merge else json.loads(json_path.read_text())
+        if args.baseline:
+            result["config"]["baseline"] = args.baseline
+        result["summary"] = summarise(result, **stats)
+        if args.merge:
+            result["command"] = command
+            write_atomic(json_path, result)
+        table = markdown(result)
+        print(table)
+        if args.markdown:
+            Path(args.markdown).write_text(table)
+        return 0
+
+    study = load_study(args.study) if args.study else {"methods": [], "overrides": []}
+    methods = list(study["methods"])
+    if args.recipes:
+        methods += methods_from_recipes(args.recipes.split(","))
+    _check_names(methods)
+    folds = args.folds or study.get("folds") or 10
+    seeds = ([int(s) for s in args.seeds.split(",")] if args.seeds
+             else list(study.get("seeds") or [0]))
+    ks = parse_k(args.k) if args.k else (study.get("k") or [1, 3, 5, 10, 20, None])
+    if args.quick:
+        folds, seeds, ks = QUICK["folds"], seeds[:1], list(QUICK["k"])
+    baseline = args.baseline or study.get("baseline")
+    only = [int(f) for f in args.only_folds.split(",")] if args.only_folds else None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    result = run_study(methods, baseline=baseline, folds=folds, seeds=seeds, ks=ks,
+                       json_path=json_path, extra=[*study.get("overrides", []), *args.extra],
+                       quick=args.quick, only_folds=only, fresh=args.fresh,
+                       progress=not args.no_progress, command=command, stats=stats)
+    if not result["runs"]:
+        print("nothing to do", file=sys.stderr)
+        return 0
+    table = markdown(result)
+    print(table)
+    print(f"wrote {json_path}", file=sys.stderr)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
