@@ -38,7 +38,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     hparams = ckpt.get("hyper_parameters", {})
     if "schema" not in hparams or "backbone" not in hparams:
         raise ValueError(f"{path} is not a metarec checkpoint (no backbone/schema hyperparameters)")

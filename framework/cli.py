@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from metarec import registry
+from metarec import contract, registry
 from metarec.data.tasks import TaskConfig
 from metarec.datamodule import EpisodeDataModule
 from metarec.module import MetaLearner
@@ -47,9 +50,90 @@ def resolved_recipe(parser: Any, config: Any) -> dict[str, Any]:
     ``config`` and the subcommand's own arguments (``ckpt_path``, ``weights_only``): what
     ``metarec fit --config`` (or any other subcommand) would rerun."""
     recipe = yaml.safe_load(parser.dump(config, skip_none=False))
-    for key in ("config", "ckpt_path", "weights_only"):
+    for key in ("config", "ckpt_path", "weights_only", "allow_train_users"):
         recipe.pop(key, None)
     return recipe
+
+
+# What an evaluation from a checkpoint may not change: the trained model's architecture.
+ARCHITECTURE_KEYS = ("model.backbone", "model.backbone_args", "model.algorithm",
+                     "model.algorithm_args")
+EVALUATION_SUBCOMMANDS = {"validate": "val", "test": "test", "predict": "test"}
+
+
+def command_line_keys(args: list[str]) -> set[str]:
+    """The dotted keys an argument list sets explicitly (``--data.seed 1`` -> ``data.seed``),
+    as opposed to what a ``--config`` file sets."""
+    keys = set()
+    for token in args:
+        if token.startswith("--") and len(token) > 2:
+            key = token[2:].split("=", 1)[0]
+            if key not in ("config", "print_config", "help"):
+                keys.add(key)
+    return keys
+
+
+def _plain(value: Any) -> Any:
+    """A checkpoint hyperparameter as plain data (dataclasses as dicts, tuples as lists)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def checkpoint_defaults(ckpt: dict[str, Any], current: dict[str, Any], given: set[str]
+                        ) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The ``model``/``data`` values an evaluation from ``ckpt`` runs with.
+
+    The checkpoint's hyperparameters are the defaults: they replace what the recipe file (or
+    the parser defaults) say, and every key given explicitly on the command line (``given``)
+    wins over them. Returns ``(values, notices, problems)``: ``values`` as ``{"model": ...,
+    "data": ...}`` for ``parse_object``; ``notices`` for recipe values the checkpoint replaced;
+    ``problems`` for command-line values that would change the trained architecture.
+    """
+    sections = {"model": dict(ckpt.get("hyper_parameters") or {}),
+                "data": dict(ckpt.get("datamodule_hyper_parameters") or {})}
+    sections["model"].pop("schema", None)  # linked from the data
+    sections["model"].pop("_instantiator", None)
+    sections["data"] = {k: v for k, v in sections["data"].items() if k in contract.CONTRACT_KEYS}
+    values: dict[str, Any] = {"model": {}, "data": {}}
+    notices, problems = [], []
+    for section, saved in sections.items():
+        for key, value in saved.items():
+            dotted = f"{section}.{key}"
+            value = _plain(value)
+            now = _plain((current.get(section) or {}).get(key))
+            inner = sorted(g for g in given if g.startswith(dotted + "."))
+            if dotted in given:
+                if dotted in ARCHITECTURE_KEYS and now != value:
+                    problems.append(f"--{dotted} {now!r} differs from the checkpoint's "
+                                    f"{value!r}: it would change the trained model")
+                continue  # the command line wins
+            if inner:  # e.g. --data.tasks.query_size: the checkpoint's dict, that key replaced
+                if dotted in ARCHITECTURE_KEYS:
+                    problems.append(f"--{inner[0]} would change the trained model")
+                merged = dict(value) if isinstance(value, dict) else {}
+                for g in inner:
+                    path = g[len(dotted) + 1:].split(".")
+                    node = now
+                    for part in path:
+                        node = node.get(part) if isinstance(node, dict) else None
+                    _set_path(merged, path, node)
+                value = merged
+            elif now is not None and now != value:
+                notices.append(f"{dotted} = {value!r} from the checkpoint (the recipe says "
+                               f"{now!r}; pass --{dotted} to override)")
+            values[section][key] = value
+    return values, notices, problems
 
 
 class RecipeToLoggers(SaveConfigCallback):
@@ -74,6 +158,80 @@ class MetarecCLI(LightningCLI):
         super().__init__(MetaLearner, EpisodeDataModule, args=args, run=run,
                          auto_configure_optimizers=False, **kwargs)
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        # Kept to tell what the command line sets explicitly from what a --config file sets.
+        self._argv = [str(a) for a in (sys.argv[1:] if args is None else args)] \
+            if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path``: the checkpoint's model and data settings become the defaults
+        (they replace the recipe file's), and what the command line sets wins over them, except
+        where it would change the trained architecture (an error). Replaces Lightning's own,
+        which applies the checkpoint's hyperparameters over the command line (so ``--model.*``
+        overrides were silently lost: Lightning issues #20801, #20310)."""
+        self._ckpt: dict[str, Any] | None = None
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        path = self.config[subcommand].get("ckpt_path")
+        if not path or not Path(path).is_file():
+            return
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        self._ckpt = {k: ckpt.get(k) for k in ("metarec_split", "metarec_data")}
+        config = self.config[subcommand]
+        current = {section: yaml.safe_load(self._parser(subcommand).dump(
+            config, skip_none=False)).get(section) or {} for section in ("model", "data")}
+        given = command_line_keys(self._argv)
+        values, notices, problems = checkpoint_defaults(ckpt, current, given)
+        if problems:
+            self._exit(subcommand, "the command line changes the checkpoint's model:\n  "
+                       + "\n  ".join(problems) + "\n  (evaluation may change model.policy, "
+                       "model.policy_args, model.metrics, model.divergence)")
+        for line in notices:
+            print(f"metarec {subcommand}: {line}", file=sys.stderr)
+        self.config = self.parser.parse_object({subcommand: values}, self.config)
+
+    @staticmethod
+    def _exit(subcommand: str, message: str) -> None:
+        """A usage error: one short message on stderr, exit status 2, no traceback."""
+        print(f"metarec {subcommand}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    def _check_contract(self) -> None:
+        """Stop when the users to evaluate were meta-training users of the checkpoint."""
+        split = EVALUATION_SUBCOMMANDS[self.subcommand]
+        saved = (getattr(self, "_ckpt", None) or {})
+        record = saved.get("metarec_split")
+        if record is None:
+            return  # no checkpoint, or one written before checkpoints carried their split
+        splits = self.datamodule.splits
+        saved_keys = (saved.get("metarec_data") or {}).get("user_keys")
+        current_keys = self.datamodule.table.user_keys
+        n = contract.overlap(record, saved_keys, splits, current_keys, split)
+        allowed = self.config[self.subcommand].get("allow_train_users")
+        if n and not allowed:
+            self._exit(self.subcommand, f"{n} of the {len(splits[split])} {split} users were "
+                       "meta-training users of the checkpoint (the data settings differ from "
+                       "the ones it was fit with: data.seed, data.fold, data.tasks or the data "
+                       "set); drop the --data overrides to use the checkpoint's split, or pass "
+                       "--allow_train_users true to evaluate anyway")
+        if n:
+            print(f"metarec {self.subcommand}: warning: {n} {split} users were meta-training "
+                  "users (allowed by --allow_train_users)", file=sys.stderr)
+        elif not contract.same_split(record, splits, split):
+            print(f"metarec {self.subcommand}: note: the {split} tasks differ from the "
+                  "checkpoint's (no user overlap with its meta-training users)", file=sys.stderr)
+
+    def before_validate(self) -> None:
+        self._check_contract()
+
+    def before_test(self) -> None:
+        self._check_contract()
+
+    def before_predict(self) -> None:
+        self._check_contract()
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         # The resolved recipe travels in every checkpoint (MetaLearner.on_save_checkpoint).
@@ -83,6 +241,10 @@ class MetarecCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.schema", "model.schema", apply_on="instantiate")
         parser.set_defaults(PARSER_DEFAULTS)
+        parser.add_class_arguments(BestCheckpoint, "checkpoint")
+        parser.add_argument("--allow_train_users", type=bool, default=False,
+                            help="validate/test/predict from a checkpoint: evaluate even when "
+                                 "the evaluated users were meta-training users of the checkpoint")
 
     def before_instantiate_classes(self) -> None:
         """Check the recipe before anything is built (see :func:`validate_recipe`), then make
@@ -97,6 +259,16 @@ class MetarecCLI(LightningCLI):
         trainer = config.get("trainer")
         if trainer is None:
             return
+        best = config.get("checkpoint")
+        if best is not None and best.get("monitor"):
+            checkpoints = [c for c in trainer.get("callbacks") or []
+                           if str(getattr(c, "class_path", "")).endswith("ModelCheckpoint")]
+            for callback in checkpoints:  # keep the best epoch on the metric (and last)
+                callback.init_args["monitor"] = best.monitor
+                callback.init_args["mode"] = best.mode
+                callback.init_args["save_last"] = True
+                callback.init_args["filename"] = "best-{epoch}-{step}"
+                callback.init_args["auto_insert_metric_name"] = False
         dropped = []
         if trainer.get("enable_progress_bar") is False:
             dropped.append("ProgressBar")
@@ -106,6 +278,20 @@ class MetarecCLI(LightningCLI):
             trainer["callbacks"] = [
                 c for c in trainer.get("callbacks") or []
                 if not any(str(getattr(c, "class_path", c)).endswith(d) for d in dropped)]
+
+
+@dataclasses.dataclass
+class BestCheckpoint:
+    """A recipe's ``checkpoint:`` block: keep the best epoch on a validation metric.
+
+    ``monitor`` (e.g. ``val/mae``) and ``mode`` (``min`` or ``max``) configure the default
+    ``ModelCheckpoint``: it keeps the best checkpoint (``best-<epoch>-<step>.ckpt``) and
+    ``last.ckpt``; ``trainer.test(ckpt_path="best")`` and the results runner test the best one.
+    Without ``monitor``, only the last is kept.
+    """
+
+    monitor: str | None = None
+    mode: Literal["min", "max"] = "min"
 
 
 # (section, plugin key, registry kind): the plugin choices a recipe makes.

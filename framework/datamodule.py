@@ -14,9 +14,10 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
 from metarec import registry
-from metarec.data.episodes import EpisodeCollator
+from metarec.data.episodes import EpisodeCollator, SupportSweepCollator
 from metarec.data.table import InteractionTable
 from metarec.data.tasks import TaskConfig, TaskSplits, build_tasks
+from metarec.ranges import PositiveInt
 from metarec.schema import DataSchema
 
 # The datamodule's hyperparameters (in checkpoints) may hold a TaskConfig: let
@@ -178,12 +179,23 @@ class EpisodeDataModule(pl.LightningDataModule):
             (the latest ``history_length`` support interactions strictly before the slot; see
             :mod:`metarec.data.episodes`), as sequential backbones such as ``transformer`` need.
             Off by default (batches then carry no history keys).
+        folds, fold: user-level folds: with ``folds`` F, fold ``fold`` of the eligible users
+            (dealt in an order fixed by ``seed``) is the test split and the validation users come
+            from the other folds; over ``fold = 0..F-1`` every eligible user is tested once.
+            Off (``null``): ``tasks.split`` fractions.
+        eval_support: support caps for evaluation (validation and test), e.g. ``[1, 5, null]``:
+            every evaluation task is scored at each cap K (its first K support interactions in
+            a fixed random order, so caps are nested; ``null`` = all of them), on the same
+            users and the same query items. Metrics are then keyed ``{split}/k{K}/...``
+            (``kall`` for null). Meta-training episodes are unaffected. Off by default.
     """
 
     def __init__(self, dataset: str = "synthetic", dataset_args: dict[str, Any] | None = None,
                  tasks: TaskConfig | None = None, batch_size: int = 32,
                  eval_batch_size: int = 256, num_workers: int = 0, seed: int = 0,
-                 shuffle: bool = True, history_length: int | None = None) -> None:
+                 shuffle: bool = True, history_length: int | None = None,
+                 folds: int | None = None, fold: int = 0,
+                 eval_support: list[PositiveInt | None] | None = None) -> None:
         super().__init__()
         # Stored in checkpoints (``datamodule_hyper_parameters``); the loggers get the recipe.
         self.save_hyperparameters(logger=False)
@@ -191,6 +203,17 @@ class EpisodeDataModule(pl.LightningDataModule):
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
         if history_length is not None and history_length < 1:
             raise ValueError(f"data.history_length must be >= 1 or null, got {history_length}")
+        if folds is not None and not (folds >= 2 and 0 <= fold < folds):
+            raise ValueError(f"data.folds must be >= 2 and data.fold in [0, folds), got "
+                             f"folds={folds}, fold={fold}")
+        if eval_support is not None:
+            bad = [k for k in eval_support if k is not None and (isinstance(k, bool) or k < 1)]
+            if not eval_support or bad or len(set(eval_support)) != len(eval_support):
+                raise ValueError("data.eval_support must be a non-empty list of distinct caps "
+                                 f"(ints >= 1, or null for all support), got {eval_support}")
+        self.folds, self.fold = folds, fold
+        self.eval_support = None if eval_support is None else [
+            None if k is None else int(k) for k in eval_support]
         self.history_length = history_length
         self.dataset_name = dataset
         self.dataset_args = dict(dataset_args or {})
@@ -211,7 +234,8 @@ class EpisodeDataModule(pl.LightningDataModule):
     @property
     def splits(self) -> TaskSplits:
         if self._splits is None:
-            self._splits = build_tasks(self.table, self.task_config, self.seed)
+            self._splits = build_tasks(self.table, self.task_config, self.seed,
+                                       folds=self.folds, fold=self.fold)
         return self._splits
 
     @property
@@ -234,7 +258,11 @@ class EpisodeDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         tasks = self.splits[split]
-        collate = EpisodeCollator(tasks, self.table, self.history_length)
+        if split != "train" and self.eval_support is not None:
+            collate = SupportSweepCollator(tasks, self.table, self.eval_support,
+                                           self.history_length)
+        else:
+            collate = EpisodeCollator(tasks, self.table, self.history_length)
         # Loaders own their generator: creating an iterator draws its workers' base seed, which
         # would otherwise come from (and advance) the global torch RNG.
         common = dict(num_workers=self.num_workers, collate_fn=collate,

@@ -14,8 +14,10 @@ Ranking metrics rank each task's query items by predicted score and are averaged
 (tasks with no relevant item are skipped). Tied scores (common: a backbone without id
 embeddings gives items with identical features identical scores) are broken by a fixed
 pseudo-random key of (user, item), the same for every metric and every run, never by query
-position (which under the ``recbole`` rule would leak the tie-breaking of the labels). MAE/RMSE and the classification metrics pool all
-query interactions. ``adapt_ratio`` is each task's query loss after the step divided by its
+position (which under the ``recbole`` rule would leak the tie-breaking of the labels).
+``mae``/``rmse`` and the classification metrics pool all query interactions (the global
+values); ``user_mae``/``user_rmse`` are each user's own MAE/RMSE averaged over users (MeLU's
+definition), which weights every user equally whatever their query size. ``adapt_ratio`` is each task's query loss after the step divided by its
 query loss at step 0, averaged over tasks. All reductions are torchmetrics states, so they are
 synchronised correctly across DDP ranks (sums and counts, not means of means).
 """
@@ -27,7 +29,13 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
+from torchmetrics import (
+    MeanAbsoluteError,
+    MeanMetric,
+    MeanSquaredError,
+    MetricCollection,
+    SumMetric,
+)
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
@@ -62,6 +70,28 @@ class MetricsConfig:
         if self.relevance not in ("threshold", "graded", "recbole"):
             raise ValueError(f"metrics.relevance must be threshold, graded or recbole, "
                              f"got {self.relevance!r}")
+
+
+@dataclass
+class DivergenceGuard:
+    """When an evaluated (or served) task's adaptation counts as diverged, and what then.
+
+    ``factor``: a task diverges at the first adaptation step whose support loss is non-finite
+    or exceeds ``factor`` times its step-0 support loss, or whose query scores are not all
+    finite (``null``: no guard). ``fallback``: ``start`` scores a diverged task from its
+    step-0 start (the meta-learned or pretrained weights) from that step on; ``keep`` keeps
+    its raw adapted values. Either way it is counted (``diverged_users``) and flagged in the
+    per-user table. Only support losses and scores are looked at, never a query label.
+    """
+
+    factor: float | None = 10.0
+    fallback: Literal["start", "keep"] = "start"
+
+    def __post_init__(self) -> None:
+        if self.factor is not None and not self.factor > 1:
+            raise ValueError(f"divergence.factor must be > 1 or null, got {self.factor}")
+        if self.fallback not in ("start", "keep"):
+            raise ValueError(f"divergence.fallback must be start or keep, got {self.fallback!r}")
 
 
 def relevance(labels: torch.Tensor, mask: torch.Tensor, config: MetricsConfig, feedback: str,
@@ -116,6 +146,75 @@ def _merge_list_states(metric: nn.Module) -> None:
             setattr(metric, name, [torch.cat([v.reshape(-1) if v.ndim == 0 else v for v in value])])
 
 
+def _per_task_auc(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each task's ROC AUC over its query (pairs positive x negative, ties count half); NaN
+    for a task without both a positive and a negative."""
+    pos = (labels > 0.5) & mask
+    neg = (labels <= 0.5) & mask
+    diff = scores[:, :, None] - scores[:, None, :]  # (B, Q, Q): positive i vs negative j
+    wins = (diff > 0).to(scores.dtype) + 0.5 * (diff == 0).to(scores.dtype)
+    pairs = pos[:, :, None] & neg[:, None, :]
+    n = pairs.sum((1, 2))
+    auc = (wins * pairs).sum((1, 2)) / n.clamp_min(1)
+    return torch.where(n > 0, auc, torch.full_like(auc, float("nan")))
+
+
+@torch.no_grad()
+def per_task_metrics(scores: torch.Tensor, query: FeatureBatch, users: torch.Tensor,
+                     feedback: str, config: MetricsConfig,
+                     rating_range: tuple[float, float] | None) -> dict[str, torch.Tensor]:
+    """Every metric of each task (user) on its own query: ``{name: (B,)}``.
+
+    The same definitions as the pooled metrics of :class:`AdaptationMetrics` (same relevance,
+    same tie-breaking), one value per task: ``loss``; ``mae``/``rmse`` (explicit) or ``auc``
+    (implicit); and ``ndcg@k``, ``precision@k``, ``recall@k``, ``hitrate@k``, ``mrr@k``. A value
+    is NaN where it is undefined for that task (no query entry; a ranking metric with no
+    relevant item, as the pooled metrics skip them; AUC without both classes). Averaging the
+    non-NaN ranking values over tasks gives the pooled ranking metrics exactly.
+    """
+    mask, labels = query["mask"], query["label"]
+    count = mask.sum(1).to(scores.dtype)
+    nan = torch.full_like(count, float("nan"))
+    has = count > 0
+    weight = mask.to(scores.dtype)
+    if feedback == "implicit":
+        per = torch.nn.functional.binary_cross_entropy_with_logits(scores, labels,
+                                                                   reduction="none")
+    else:
+        per = (scores - labels) ** 2
+    out = {"loss": torch.where(has, (per * weight).sum(1) / count.clamp_min(1), nan)}
+    if feedback == "explicit":
+        out["mae"] = torch.where(has, ((scores - labels).abs() * weight).sum(1)
+                                 / count.clamp_min(1), nan)
+        out["rmse"] = torch.where(has, out["loss"].sqrt(), nan)
+    else:
+        out["auc"] = _per_task_auc(scores, labels, mask)
+    rel, gain = relevance(labels, mask, config, feedback, rating_range)
+    task_users = users[:, None].expand_as(mask)
+    ranks = tie_broken_ranks(scores, query.get("user_id", task_users),
+                             query.get("item_id", torch.zeros_like(task_users)), mask)
+    discount = 1.0 / torch.log2(ranks.to(scores.dtype) + 2.0)
+    n_rel = rel.sum(1)
+    any_rel = n_rel > 0
+    ideal_gain = torch.sort(torch.where(mask, gain, torch.zeros_like(gain)), dim=1,
+                            descending=True).values
+    ideal_discount = 1.0 / torch.log2(torch.arange(mask.shape[1], device=scores.device,
+                                                   dtype=scores.dtype) + 2.0)
+    for k in config.top_k:
+        top = (ranks < k) & mask
+        hits = (rel & top).sum(1).to(scores.dtype)
+        dcg = (gain * discount * top).sum(1)
+        idcg = (ideal_gain[:, :k] * ideal_discount[:k]).sum(1)
+        out[f"ndcg@{k}"] = torch.where(idcg > 0, dcg / idcg.clamp_min(1e-12), nan)
+        out[f"precision@{k}"] = torch.where(any_rel, hits / k, nan)
+        out[f"recall@{k}"] = torch.where(any_rel, hits / n_rel.clamp_min(1), nan)
+        out[f"hitrate@{k}"] = torch.where(any_rel, (hits > 0).to(scores.dtype), nan)
+        first = torch.where(rel & top, ranks, torch.full_like(ranks, mask.shape[1])).min(1).values
+        rr = torch.where(first < k, 1.0 / (first.to(scores.dtype) + 1.0), torch.zeros_like(count))
+        out[f"mrr@{k}"] = torch.where(any_rel, rr, nan)
+    return out
+
+
 class AdaptationMetrics(nn.Module):
     """One torchmetrics collection per adaptation step ``0..steps``."""
 
@@ -126,10 +225,13 @@ class AdaptationMetrics(nn.Module):
         self.per_step = nn.ModuleList([self._collection() for _ in range(steps + 1)])
 
     def _collection(self) -> MetricCollection:
-        m: dict[str, nn.Module] = {"loss": MeanMetric(), "adapt_ratio": MeanMetric()}
+        m: dict[str, nn.Module] = {"loss": MeanMetric(), "adapt_ratio": MeanMetric(),
+                                   "diverged_users": SumMetric()}
         if self.feedback == "explicit":
             m["mae"] = MeanAbsoluteError()
             m["rmse"] = MeanSquaredError(squared=False)
+            m["user_mae"] = MeanMetric()
+            m["user_rmse"] = MeanMetric()
         else:
             t = self.config.classification_threshold
             m.update(auc=BinaryAUROC(), accuracy=BinaryAccuracy(threshold=t),
@@ -145,11 +247,18 @@ class AdaptationMetrics(nn.Module):
 
     @torch.no_grad()
     def update(self, step: int, scores: torch.Tensor, query: FeatureBatch, task_ids: torch.Tensor,
-               losses: torch.Tensor, base_losses: torch.Tensor) -> None:
+               losses: torch.Tensor, base_losses: torch.Tensor,
+               per_task: dict[str, torch.Tensor] | None = None,
+               diverged: torch.Tensor | None = None) -> None:
         """Add one batch of tasks at adaptation ``step``: scores ``(B, Q)``, losses ``(B,)``.
 
-        A task with no query entry counts nowhere.
+        ``per_task`` (from :func:`per_task_metrics`, computed here when not given) feeds the
+        per-user averages; ``diverged`` ``(B,)`` marks tasks the divergence guard caught. A task
+        with no query entry counts nowhere.
         """
+        if self.feedback == "explicit" and per_task is None:
+            per_task = per_task_metrics(scores, query, task_ids, self.feedback, self.config,
+                                        self.rating_range)
         weights = query["mask"].any(1).to(losses.dtype)
         mask, labels = query["mask"], query["label"]
         rel, gain = relevance(labels, mask, self.config, self.feedback, self.rating_range)
@@ -165,14 +274,20 @@ class AdaptationMetrics(nn.Module):
         metrics = self.per_step[step]
         empty = not bool(mask.any())
         for name, metric in metrics.items():
-            if empty and name not in ("loss", "adapt_ratio"):
+            if empty and name not in ("loss", "adapt_ratio", "diverged_users"):
                 continue  # torchmetrics rejects empty updates; nothing to add anyway
             if name == "loss":
                 metric.update(losses, weights)
+            elif name == "diverged_users":
+                metric.update(losses.new_zeros(()) if diverged is None
+                              else (diverged & (weights > 0)).sum().to(losses.dtype))
             elif name == "adapt_ratio":
                 metric.update(losses / base_losses.clamp_min(1e-12), weights)
             elif name in ("mae", "rmse"):
                 metric.update(preds, target)
+            elif name in ("user_mae", "user_rmse"):
+                value = per_task[name[5:]]
+                metric.update(torch.where(weights > 0, value, torch.zeros_like(value)), weights)
             elif name.startswith("ndcg@"):
                 metric.update(order_score, gain[mask], indexes=index)
             elif "@" in name:
@@ -196,3 +311,8 @@ class AdaptationMetrics(nn.Module):
     def reset(self) -> None:
         for metrics in self.per_step:
             metrics.reset()
+
+
+# The model's hyperparameters (in checkpoints) may hold these: let torch.load(weights_only=True)
+# read them.
+torch.serialization.add_safe_globals([MetricsConfig, DivergenceGuard])

@@ -7,12 +7,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.func import vmap
 
 from metarec import registry
+from metarec.contract import split_record
 from metarec.data.episodes import EpisodeBatch
-from metarec.functional import FunctionalModel, masked_loss, select_parameters
-from metarec.metrics import AdaptationMetrics, MetricsConfig
+from metarec.functional import FunctionalModel, Params, select_parameters
+from metarec.metrics import AdaptationMetrics, DivergenceGuard, MetricsConfig, per_task_metrics
 from metarec.optim import clip_gradients
 from metarec.schema import DataSchema
 from metarec.tracking import log_curve, log_table
@@ -39,6 +39,9 @@ class MetaLearner(pl.LightningModule):
         nonfinite: what a NaN/inf outer loss does: ``error`` stops with the users and inner
             step that diverged; ``skip`` skips that batch's update and counts it
             (``train/skipped_batches``).
+        divergence: the evaluation-time divergence guard (see :meth:`adapt_guarded`): a task
+            whose adaptation diverges is counted (``{stage}/diverged_users``), flagged in the
+            per-user table and, by default, scored from its step-0 start.
         schema: the data schema; the CLI links it from the datamodule.
     """
 
@@ -49,6 +52,7 @@ class MetaLearner(pl.LightningModule):
                  lr_scheduler: SchedulerFactory | None = None,
                  metrics: MetricsConfig | None = None,
                  nonfinite: Literal["error", "skip"] = "error",
+                 divergence: DivergenceGuard | None = None,
                  schema: DataSchema | None = None) -> None:
         super().__init__()
         if schema is None:
@@ -74,10 +78,11 @@ class MetaLearner(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.metrics_config = metrics or MetricsConfig()
-        self.val_metrics = AdaptationMetrics(self.policy.max_steps, schema.feedback,
-                                             self.metrics_config, schema.rating_range)
-        self.test_metrics = AdaptationMetrics(self.policy.max_steps, schema.feedback,
-                                              self.metrics_config, schema.rating_range)
+        self.divergence = divergence or DivergenceGuard()
+        # Metric collections per support cap ("all" without data.eval_support), made on use.
+        self.val_metrics = torch.nn.ModuleDict()
+        self.test_metrics = torch.nn.ModuleDict()
+        self.user_results: list[dict[str, Any]] = []
 
     # -- meta-training -------------------------------------------------------------------
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> torch.Tensor | None:
@@ -149,74 +154,148 @@ class MetaLearner(pl.LightningModule):
         slow = {k: v.detach() for k, v in slow.items()}
         return self.policy.adapt(self.functional, fast, slow, batch.support)
 
-    def _evaluate(self, batch: EpisodeBatch, metrics: AdaptationMetrics, prefix: str) -> None:
-        slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
-        base = None
+    def adapt_guarded(self, batch: EpisodeBatch) -> tuple[list[Params], list[torch.Tensor]]:
+        """:meth:`adapt` under the divergence guard: ``(iterates, diverged)``, where
+        ``diverged[s]`` ``(B,)`` marks the tasks whose adaptation had diverged by step ``s``.
+
+        A task diverges at the first step whose *support* loss is non-finite or above
+        ``divergence.factor`` times its step-0 support loss, or whose query scores are not all
+        finite (neither looks at a query label, so the guard can run at deployment too). It
+        stays diverged for the later steps; with ``divergence.fallback: start`` its iterates
+        from then on are replaced by its step-0 start, with ``keep`` they are left as they are
+        (and only counted)."""
         iterates = self.adapt(batch)
+        guard = self.divergence
+        n = len(batch)
+        none = torch.zeros(n, dtype=torch.bool, device=batch.users.device)
+        if guard.factor is None:
+            return iterates, [none] * len(iterates)
+        slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
+        with torch.no_grad():
+            first = self.functional.loss_tasks(iterates[0], slow, batch.support)
+            diverged, flags, guarded = none, [], []
+            for step, fast in enumerate(iterates):
+                if step:
+                    loss = self.functional.loss_tasks(fast, slow, batch.support)
+                    scores = self.functional.predict_tasks(fast, slow, batch.query)
+                    finite = torch.isfinite(scores).all(1) | ~batch.query["mask"].any(1)
+                    diverged = diverged | ~torch.isfinite(loss) | ~finite \
+                        | (loss > guard.factor * first.clamp_min(1e-12))
+                    if guard.fallback == "start" and bool(diverged.any()):
+                        fast = {k: torch.where(diverged.view(-1, *([1] * (v.ndim - 1))),
+                                               iterates[0][k], v) for k, v in fast.items()}
+                flags.append(diverged)
+                guarded.append(fast)
+        return guarded, flags
+
+    def _evaluate(self, batch: EpisodeBatch | dict[str, EpisodeBatch], stage: str) -> None:
+        """Adapt and score a batch (or, with ``data.eval_support``, the same tasks at every
+        support cap: a dict keyed by :func:`metarec.data.support_label`)."""
+        variants = batch if isinstance(batch, dict) else {"": batch}
+        for label, tasks in variants.items():
+            self._evaluate_variant(tasks, stage, label)
+
+    def _evaluate_variant(self, batch: EpisodeBatch, stage: str, label: str) -> None:
+        prefix = f"{stage}/{label}" if label else stage
+        metrics = self._metrics(stage, label)
+        slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
+        iterates, diverged = self.adapt_guarded(batch)
         # Per-task facts about this adaptation (e.g. early-stop's steps used), averaged over
         # tasks. Not synchronised per step: under DDP, ranks may run different numbers of
         # evaluation batches (tasks are never repeated), so this is rank 0's average.
         for name, values in self.policy.diagnostics().items():
             self.log(f"{prefix}/{name}", values.float().mean(), batch_size=len(batch))
+        base = None
+        support_size = batch.support["mask"].sum(1)
         for step, fast in enumerate(iterates):
             scores = self.functional.predict_tasks(fast, slow, batch.query)
-            losses = vmap(masked_loss, in_dims=(0, 0, 0, None))(
-                scores, batch.query["label"], batch.query["mask"], self.functional.feedback)
+            per_task = per_task_metrics(scores, batch.query, batch.users, self.functional.feedback,
+                                        self.metrics_config, self.schema.rating_range)
+            losses = per_task["loss"].nan_to_num(0.0, posinf=float("inf"))
             base = losses if base is None else base
-            metrics.update(step, scores, batch.query, batch.users, losses, base)
-        if prefix == "test":  # per-user rows for the test table (this rank's tasks)
-            mask = batch.query["mask"]
-            abs_err = ((scores - batch.query["label"]).abs() * mask).sum(1) / mask.sum(1).clamp_min(1)
-            for i, user in enumerate(batch.users.tolist()):
-                self._test_rows.append([user, int(batch.support["mask"][i].sum()),
-                                        float(base[i]), float(losses[i]), float(abs_err[i])])
+            metrics.update(step, scores, batch.query, batch.users, losses, base, per_task,
+                           diverged=diverged[step])
+            if stage == "test":
+                self._user_parts.append((label, step, batch.users, support_size, diverged[step],
+                                         per_task))
+
+    def _metrics(self, stage: str, label: str) -> AdaptationMetrics:
+        """The metric collections of ``stage`` for support cap ``label`` (made on first use)."""
+        store = self.val_metrics if stage == "val" else self.test_metrics
+        key = label or "plain"
+        if key not in store:
+            store[key] = AdaptationMetrics(self.policy.max_steps, self.schema.feedback,
+                                           self.metrics_config, self.schema.rating_range
+                                           ).to(self.device)
+        return store[key]
 
     def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
+        self._evaluate(batch, "test")
 
     def on_test_epoch_start(self) -> None:
-        self._test_rows: list[list[Any]] = []
+        self._user_parts: list[tuple[Any, ...]] = []
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
+        self._log_metrics("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test")
-        if self._trainer is not None and not self.trainer.sanity_checking:
-            keys = getattr(getattr(self.trainer.datamodule, "table", None), "user_keys", None)
-            rows = self._test_rows
-            if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                    and torch.distributed.get_world_size() > 1:  # every rank's tasks
-                gathered: list[Any] = [None] * torch.distributed.get_world_size()
-                torch.distributed.all_gather_object(gathered, rows)
-                rows = sorted((r for part in gathered for r in part), key=lambda r: r[0])
-            rows = [[keys[r[0]].item() if keys is not None else r[0], *r[1:]] for r in rows]
-            log_table(self.trainer, "test/users",
-                      ["user", "support_size", "query_loss_before", "query_loss_after",
-                       "query_mae_after"], rows)
+        self._log_metrics("test")
+        self.user_results = self._user_rows()
+        if self._trainer is not None and not self.trainer.sanity_checking and self.user_results:
+            columns = list(self.user_results[0])
+            log_table(self.trainer, "test/users", columns,
+                      [[row[c] for c in columns] for row in self.user_results])
 
-    def _log_metrics(self, metrics: AdaptationMetrics, prefix: str) -> None:
-        values = metrics.compute(prefix)
-        if self._trainer is not None and not self.trainer.sanity_checking:
-            steps = list(range(len(metrics.per_step)))
-            ndcg = f"ndcg@{self.metrics_config.top_k[0]}"
-            log_curve(self.trainer, f"{prefix}/adaptation_curve", "step", steps, {
-                "loss": [values[f"{prefix}/step{s}/loss"] for s in steps],
-                ndcg: [values[f"{prefix}/step{s}/{ndcg}"] for s in steps]})
-        headline = {f"{prefix}/loss", f"{prefix}/ndcg@{self.metrics_config.top_k[0]}"}
-        self.log_dict({k: v for k, v in values.items() if k in headline}, prog_bar=True)
-        self.log_dict({k: v for k, v in values.items() if k not in headline})
-        metrics.reset()
+    def _user_rows(self) -> list[dict[str, Any]]:
+        """One row per (test user, support cap, adaptation step), from every rank: the raw user
+        id, ``k`` (the cap: ``"5"``, ``"all"``), ``step``, ``support_size``, ``diverged`` and
+        every per-user metric (:func:`metarec.metrics.per_task_metrics`; NaN where undefined)."""
+        keys = getattr(getattr(self._trainer, "datamodule", None), "table", None)
+        keys = getattr(keys, "user_keys", None)
+        rows = []
+        for label, step, users, sizes, diverged, per_task in getattr(self, "_user_parts", []):
+            values = {name: v.tolist() for name, v in per_task.items()}
+            for i, user in enumerate(users.tolist()):
+                raw = keys[user] if keys is not None else user
+                rows.append({"user": raw.item() if hasattr(raw, "item") else raw,
+                             "k": label[1:] if label else "all", "step": step,
+                             "support_size": int(sizes[i]), "diverged": bool(diverged[i]),
+                             **{name: v[i] for name, v in values.items()}})
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:  # every rank's tasks
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        order = {label: i for i, label in enumerate(dict.fromkeys(r["k"] for r in rows))}
+        rows.sort(key=lambda r: (order[r["k"]], r["step"], str(r["user"])))
+        return rows
+
+    def _log_metrics(self, stage: str) -> None:
+        store = self.val_metrics if stage == "val" else self.test_metrics
+        ndcg = f"ndcg@{self.metrics_config.top_k[0]}"
+        for key, metrics in store.items():
+            prefix = stage if key == "plain" else f"{stage}/{key}"
+            values = metrics.compute(prefix)
+            if self._trainer is not None and not self.trainer.sanity_checking:
+                steps = list(range(len(metrics.per_step)))
+                log_curve(self.trainer, f"{prefix}/adaptation_curve", "step", steps, {
+                    "loss": [values[f"{prefix}/step{s}/loss"] for s in steps],
+                    ndcg: [values[f"{prefix}/step{s}/{ndcg}"] for s in steps]})
+            headline = {f"{prefix}/loss", f"{prefix}/{ndcg}"}
+            self.log_dict({k: v for k, v in values.items() if k in headline}, prog_bar=True)
+            self.log_dict({k: v for k, v in values.items() if k not in headline})
+            metrics.reset()
 
     # -- deployment ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store what deployment needs beside the weights (``checkpoint["metarec_data"]``): the
         user and item feature tables and the raw id keys of the datamodule's interaction table,
         and its ``history_length``, so that :class:`metarec.Adapter` needs nothing but the
-        checkpoint. Under the CLI, also the resolved recipe (``checkpoint["metarec_recipe"]``,
+        checkpoint; and the record of the user split (``checkpoint["metarec_split"]``, see
+        :mod:`metarec.contract`). Under the CLI, also the resolved recipe (``checkpoint["metarec_recipe"]``,
         a plain dict: ``metarec fit --config`` on it rebuilds the model and the task split)."""
         recipe = getattr(self, "metarec_recipe", None)
         if recipe is not None:
@@ -232,11 +311,20 @@ class MetaLearner(pl.LightningModule):
             "user_keys": keys(table.user_keys), "item_keys": keys(table.item_keys),
             "history_length": getattr(datamodule, "history_length", None),
         }
+        splits = getattr(datamodule, "splits", None)
+        if splits is not None:  # the data contract (metarec.contract)
+            checkpoint["metarec_split"] = split_record(splits)
 
-    def predict_step(self, batch: EpisodeBatch, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Adapted scores for each task's query items: users, items, scores, labels, mask."""
+    def predict_step(self, batch: EpisodeBatch | dict[str, EpisodeBatch],
+                     batch_idx: int) -> dict[str, Any]:
+        """Adapted scores for each task's query items: users, items, scores, labels, mask, and
+        which tasks the divergence guard caught (a dict of these per support cap when
+        ``data.eval_support`` is set)."""
+        if isinstance(batch, dict):
+            return {label: self.predict_step(tasks, batch_idx) for label, tasks in batch.items()}
         slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
-        fast = self.adapt(batch)[-1]
+        iterates, diverged = self.adapt_guarded(batch)
         return {"users": batch.users, "items": batch.query["item_id"],
-                "scores": self.functional.predict_tasks(fast, slow, batch.query),
-                "labels": batch.query["label"], "mask": batch.query["mask"]}
+                "scores": self.functional.predict_tasks(iterates[-1], slow, batch.query),
+                "labels": batch.query["label"], "mask": batch.query["mask"],
+                "diverged": diverged[-1]}

@@ -47,7 +47,9 @@ def test_offline_wandb_and_csv_logs(in_tmp, monkeypatch):
         assert key in history_keys, key
     table = {"/".join(i.nested_key): json.loads(i.value_json) for r in records
              if r.WhichOneof("record_type") == "history" for i in r.history.item}
-    assert table["test/users/ncols"] == 5 and table["test/users/nrows"] > 10
+    # one row per (user, support cap, step): user, k, step, support_size, diverged + 8 metrics
+    assert table["test/users/ncols"] == 13
+    assert table["test/users/nrows"] == 4 * len(cli.datamodule.splits["test"])
     assert config["algorithm"] == "maml" and config["backbone"] == "melu"
     # The resolved recipe is the run's config, defaults included.
     recipe = config["recipe"]
@@ -65,8 +67,9 @@ def test_offline_wandb_and_csv_logs(in_tmp, monkeypatch):
     curve = list(csv.DictReader(open(csv_dir / "val_adaptation_curve.csv")))
     assert [int(r["step"]) for r in curve] == [0, 1, 2, 3]
     assert float(curve[-1]["loss"]) < float(curve[0]["loss"])  # adaptation lowers query loss
-    users = list(csv.DictReader(open(csv_dir / "test_users.csv")))
+    users = [r for r in csv.DictReader(open(csv_dir / "test_users.csv")) if r["step"] == "3"]
     assert len(users) == len(cli.datamodule.splits["test"])
+    assert {u["k"] for u in users} == {"all"} and {u["diverged"] for u in users} == {"False"}
     assert all(int(u["support_size"]) >= 3 for u in users)
     rows = list(csv.DictReader(open(csv_dir / "metrics.csv")))
     train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]

@@ -1,6 +1,14 @@
 """Data: interaction tables, validated readers, task building and episode batches."""
 
-from metarec.data.episodes import ENCODED, EpisodeBatch, EpisodeCollator, FeatureBatch, inputs
+from metarec.data.episodes import (
+    ENCODED,
+    EpisodeBatch,
+    EpisodeCollator,
+    FeatureBatch,
+    SupportSweepCollator,
+    inputs,
+    support_label,
+)
 from metarec.data.errors import DataError
 from metarec.data.readers import numeric_column, read_frame, require_columns
 from metarec.data.table import Feature, InteractionTable, encode_ids
@@ -8,6 +16,6 @@ from metarec.data.tasks import TaskConfig, TaskSet, TaskSplits, build_tasks
 
 __all__ = [
     "ENCODED", "DataError", "EpisodeBatch", "EpisodeCollator", "Feature", "FeatureBatch",
-    "InteractionTable", "TaskConfig", "TaskSet", "TaskSplits", "build_tasks", "encode_ids",
-    "inputs", "numeric_column", "read_frame", "require_columns",
+    "InteractionTable", "SupportSweepCollator", "TaskConfig", "TaskSet", "TaskSplits", "build_tasks", "encode_ids",
+    "inputs", "numeric_column", "read_frame", "require_columns", "support_label",
 ]

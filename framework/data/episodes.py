@@ -47,6 +47,11 @@ def inputs(batch: FeatureBatch) -> FeatureBatch:
     return {k: v for k, v in batch.items() if k not in RESERVED_KEYS}
 
 
+def support_label(k: int | None) -> str:
+    """The metric-key label of a support cap: ``k5`` for at most 5, ``kall`` for no cap."""
+    return "kall" if k is None else f"k{k}"
+
+
 class EpisodeCollator:
     """Gathers :class:`EpisodeBatch` es from a :class:`TaskSet` by tensor indexing.
 
@@ -127,3 +132,25 @@ class EpisodeCollator:
             out[key] = values[items]
         out.update(label=labels, mask=mask, time=times)
         return out
+
+
+class SupportSweepCollator:
+    """Gathers the same tasks at several support caps: ``{support_label(k): EpisodeBatch}``.
+
+    Every variant has the same users and the same query items; the support at cap ``k`` is the
+    task's first ``k`` support interactions in a fixed random order (:meth:`TaskSet.capped`),
+    so smaller caps are subsets of larger ones. Histories (``history_length``) are built from
+    the capped support only: a query slot never sees support interactions the cap removed.
+    """
+
+    def __init__(self, tasks: TaskSet, table: InteractionTable, caps: list[int | None],
+                 history_length: int | None = None) -> None:
+        labels = [support_label(k) for k in caps]
+        if not caps or len(set(labels)) != len(labels):
+            raise ValueError(f"data.eval_support must list distinct caps (ints >= 1 or null), "
+                             f"got {caps}")
+        self.collators = {label: EpisodeCollator(tasks.capped(k), table, history_length)
+                          for label, k in zip(labels, caps)}
+
+    def __call__(self, indices: list[int] | torch.Tensor) -> dict[str, EpisodeBatch]:
+        return {label: collate(indices) for label, collate in self.collators.items()}

@@ -77,9 +77,32 @@ class TaskSet:
     query_labels: torch.Tensor
     query_times: torch.Tensor
     query_mask: torch.Tensor
+    # Position of each support slot in a fixed random order of the task's support interactions
+    # (0 = first drawn; sampled negatives share the rank of the interaction they were drawn
+    # for; padding: a large value). ``capped(k)`` keeps ranks < k: nested subsets.
+    support_order: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.users)
+
+    def capped(self, k: int | None) -> TaskSet:
+        """These tasks with each support set cut to its first ``k`` interactions in the fixed
+        random order (``None``: unchanged). Nested: the support at ``k`` contains the one at
+        any smaller ``k``. Queries are untouched, and the kept slots stay oldest first."""
+        if k is None:
+            return self
+        if self.support_order is None:
+            raise ValueError("these tasks carry no support order (built by build_tasks)")
+        keep = self.support_mask & (self.support_order < k)
+        # Kept slots first, in their (chronological) slot order; then trim the padding.
+        position = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+        width = max(int(keep.sum(1).max()) if len(keep) else 0, 1)
+        index = position[:, :width]
+        take = lambda x: x.gather(1, index)  # noqa: E731
+        return TaskSet(self.users, take(self.support_items), take(self.support_labels),
+                       take(self.support_times), take(keep), self.query_items,
+                       self.query_labels, self.query_times, self.query_mask,
+                       take(self.support_order))
 
 
 @dataclass
@@ -96,13 +119,25 @@ class TaskSplits:
         return getattr(self, split)
 
 
-def build_tasks(table: InteractionTable, config: TaskConfig, seed: int = 0) -> TaskSplits:
+def build_tasks(table: InteractionTable, config: TaskConfig, seed: int = 0,
+                folds: int | None = None, fold: int = 0) -> TaskSplits:
     """Cut ``table`` into per-user tasks split 8:1:1 (by default) by user.
 
-    Deterministic in ``seed``: the user split, random query draw, support cap and negative
-    samples depend on nothing else.
+    With ``folds`` F, the eligible users are dealt (in a random order fixed by ``seed``) into F
+    folds of near-equal size: fold ``fold`` is the test split, and the validation users are drawn
+    from the other folds in the proportion ``split[1] : split[0]``. Over ``fold = 0..F-1`` every
+    eligible user is a test user exactly once.
+
+    Deterministic in ``seed``: the user split, random query draw, support cap, support order and
+    negative samples depend on nothing else.
     """
+    if folds is not None and not (folds >= 2 and 0 <= fold < folds):
+        raise ValueError(f"data.folds must be >= 2 and data.fold in [0, folds), got folds={folds}, "
+                         f"fold={fold}")
     rng = np.random.default_rng(seed)
+    # The support order comes from its own stream, so that the draws above (split, query,
+    # negatives) are the same as before it existed.
+    order_rng = np.random.default_rng([seed, 1])
     counts = np.bincount(table.users, minlength=table.num_users)
     active = counts > 0
     keep = active & (counts >= config.min_interactions) & (counts <= config.max_interactions)
@@ -132,12 +167,24 @@ def build_tasks(table: InteractionTable, config: TaskConfig, seed: int = 0) -> T
     # Split users (not interactions): test users are never seen in meta-training.
     eligible = np.flatnonzero(keep)
     order = rng.permutation(eligible)
-    n_train = int(round(config.split[0] * len(order)))
-    n_val = int(round(config.split[1] * len(order)))
     split_of_user = np.full(table.num_users, -1, dtype=np.int64)
-    split_of_user[order[:n_train]] = 0
-    split_of_user[order[n_train:n_train + n_val]] = 1
-    split_of_user[order[n_train + n_val:]] = 2
+    if folds is None:
+        n_train = int(round(config.split[0] * len(order)))
+        n_val = int(round(config.split[1] * len(order)))
+        split_of_user[order[:n_train]] = 0
+        split_of_user[order[n_train:n_train + n_val]] = 1
+        split_of_user[order[n_train + n_val:]] = 2
+    else:
+        if len(order) < folds:
+            raise DataError(f"data.folds={folds} needs at least {folds} eligible users, "
+                            f"found {len(order)}", source=table.source)
+        parts = np.array_split(order, folds)
+        rest = np.concatenate([p for i, p in enumerate(parts) if i != fold])
+        train_val = config.split[0] + config.split[1]
+        n_val = int(round(config.split[1] / train_val * len(rest))) if train_val > 0 else 0
+        split_of_user[rest[n_val:]] = 0
+        split_of_user[rest[:n_val]] = 1
+        split_of_user[parts[fold]] = 2
 
     rows = np.flatnonzero(keep[table.users])
     pairs = table.users[rows] * table.num_items + table.items[rows]
@@ -160,9 +207,14 @@ def build_tasks(table: InteractionTable, config: TaskConfig, seed: int = 0) -> T
         role_sorted[(~is_query) & (rank - config.query_size >= config.max_support)] = 2
     role[ordered] = role_sorted
 
+    # A fixed random order of each user's support interactions (for capped evaluation).
+    support = np.flatnonzero(role == 1)
+    by_key = support[np.lexsort((order_rng.random(len(support)), users[support]))]
+    support_rank = np.full(len(rows), np.iinfo(np.int64).max, dtype=np.int64)
+    support_rank[by_key] = _rank_within_groups(users[by_key])
     entries = {
         "user": users, "item": table.items[rows], "label": labels[rows], "time": times,
-        "role": role,
+        "role": role, "order": support_rank,
     }
     if feedback == "implicit" and config.negatives_per_positive > 0:
         entries = _add_negatives(entries, table, config.negatives_per_positive, rng)
@@ -214,6 +266,7 @@ def _add_negatives(entries: dict[str, np.ndarray], table: InteractionTable, per_
     negatives = {
         "user": user, "item": items, "label": np.zeros(len(source), dtype=np.float32),
         "time": entries["time"][source], "role": entries["role"][source],
+        "order": entries["order"][source],
     }
     return {k: np.concatenate([entries[k], negatives[k]]) for k in entries}
 
@@ -236,6 +289,8 @@ def _pad_split(entries: dict[str, np.ndarray], split_users: np.ndarray) -> TaskS
         labels = np.zeros(shape, dtype=np.float32)
         times = np.zeros(shape, dtype=np.int64)
         mask = np.zeros(shape, dtype=bool)
+        order = np.full(shape, np.iinfo(np.int64).max, dtype=np.int64)
+        order[t, slot] = entries["order"][sel]
         items[t, slot] = entries["item"][sel]
         labels[t, slot] = entries["label"][sel]
         times[t, slot] = entries["time"][sel]
@@ -244,4 +299,6 @@ def _pad_split(entries: dict[str, np.ndarray], split_users: np.ndarray) -> TaskS
         out[f"{prefix}_labels"] = torch.from_numpy(labels)
         out[f"{prefix}_times"] = torch.from_numpy(times)
         out[f"{prefix}_mask"] = torch.from_numpy(mask)
+        if role == 1:
+            out["support_order"] = torch.from_numpy(order)
     return TaskSet(**out)
