@@ -1,0 +1,172 @@
+"""Evaluation building blocks: user folds, nested support caps, per-user metrics, and the
+divergence guard."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import synthetic_batch, synthetic_setup
+from metarec import TaskConfig, build_tasks
+from metarec.data import EpisodeCollator, SupportSweepCollator
+from metarec.metrics import AdaptationMetrics, MetricsConfig, per_task_metrics
+
+
+def test_folds_test_every_eligible_user_exactly_once():
+    table, plain = synthetic_setup()
+    eligible = torch.cat([plain[s].users for s in ("train", "val", "test")])
+    config = TaskConfig(min_interactions=13, max_interactions=40)
+    tested = []
+    for fold in range(5):
+        splits = build_tasks(table, config, seed=3, folds=5, fold=fold)
+        users = {s: set(splits[s].users.tolist()) for s in ("train", "val", "test")}
+        assert not (users["train"] & users["val"]) and not (users["train"] & users["test"])
+        assert not (users["val"] & users["test"])
+        assert users["train"] | users["val"] | users["test"] == set(eligible.tolist())
+        # validation users come from the training folds, in the split's proportion (0.1 : 0.8)
+        rest = len(users["train"]) + len(users["val"])
+        assert len(users["val"]) == round(rest / 9)
+        tested += splits["test"].users.tolist()
+    assert sorted(tested) == sorted(eligible.tolist())
+    # Another seed deals other folds; the same seed the same ones.
+    again = build_tasks(table, config, seed=3, folds=5, fold=0)
+    other = build_tasks(table, config, seed=4, folds=5, fold=0)
+    assert torch.equal(again.test.users, build_tasks(table, config, 3, 5, 0).test.users)
+    assert not torch.equal(again.test.users, other.test.users)
+    with pytest.raises(ValueError, match="data.folds"):
+        build_tasks(table, config, seed=0, folds=5, fold=5)
+
+
+def test_support_caps_are_nested_and_keep_the_query():
+    table, splits = synthetic_setup()
+    tasks = splits["test"]
+    caps = [1, 3, 5, None]
+    capped = {k: tasks.capped(k) for k in caps}
+    full = {(t, int(i)) for t in range(len(tasks))
+            for i in tasks.support_items[t][tasks.support_mask[t]]}
+    previous = None
+    for k in caps:
+        c = capped[k]
+        assert torch.equal(c.query_items, tasks.query_items)
+        assert torch.equal(c.query_labels, tasks.query_labels)
+        sizes = c.support_mask.sum(1)
+        expected = tasks.support_mask.sum(1) if k is None else tasks.support_mask.sum(1).clamp_max(k)
+        assert torch.equal(sizes, expected)
+        items = {(t, int(i)) for t in range(len(c)) for i in c.support_items[t][c.support_mask[t]]}
+        assert items <= full
+        if previous is not None:
+            assert previous <= items  # nested: the K=1 support is inside the K=3 one, ...
+        previous = items
+        # still oldest first within each task
+        times = c.support_times.masked_fill(~c.support_mask, 2**62)
+        assert bool((times[:, 1:] >= times[:, :-1]).all())
+    # The order is fixed by the data seed (so every method sees the same K-shot supports).
+    again = build_tasks(table, TaskConfig(min_interactions=13, max_interactions=40), seed=0)
+    assert torch.equal(again.test.capped(3).support_items, capped[3].support_items)
+
+
+def test_sweep_collator_builds_histories_from_the_capped_support_only():
+    table, splits = synthetic_setup()
+    tasks = splits["test"]
+    batches = SupportSweepCollator(tasks, table, [2, None], history_length=50)(list(range(4)))
+    assert set(batches) == {"k2", "kall"}
+    two = batches["k2"]
+    assert int(two.query["history.mask"].sum(-1).max()) <= 2
+    for t in range(4):
+        allowed = set(two.support["item_id"][t][two.support["mask"][t]].tolist())
+        seen = set(two.query["history.item_id"][t][two.query["history.mask"][t]].tolist())
+        assert seen <= allowed
+    plain = EpisodeCollator(tasks, table, history_length=50)(list(range(4)))
+    assert torch.equal(batches["kall"].query["history.item_id"], plain.query["history.item_id"])
+
+
+@pytest.mark.parametrize("relevance", ["threshold", "graded", "recbole"])
+def test_per_user_metrics_average_to_the_pooled_ones(relevance):
+    """Mean over users of the per-user ranking metrics == the torchmetrics values; per-user
+    MAE/RMSE are each user's own, averaged (MeLU's definition)."""
+    _, batch = synthetic_batch(n_tasks=12, dtype=torch.float32)
+    query = batch.query
+    scores = torch.randn(query["label"].shape, generator=torch.Generator().manual_seed(0)) * 2 + 3
+    config = MetricsConfig(top_k=[3, 5], relevance=relevance)
+    per = per_task_metrics(scores, query, batch.users, "explicit", config, (1.0, 5.0))
+    metrics = AdaptationMetrics(0, "explicit", config, (1.0, 5.0))
+    metrics.update(0, scores, query, batch.users, per["loss"], per["loss"], per)
+    pooled = metrics.compute("t")
+    for name in ("ndcg@3", "ndcg@5", "precision@5", "recall@3", "hitrate@5", "mrr@5", "mrr@3"):
+        values = per[name][~per[name].isnan()]
+        assert float(values.mean()) == pytest.approx(float(pooled[f"t/{name}"]), abs=1e-6), name
+    mask = query["mask"]
+    for t in range(len(batch)):
+        err = (scores[t] - query["label"][t])[mask[t]]
+        assert float(per["mae"][t]) == pytest.approx(float(err.abs().mean()), rel=1e-6)
+        assert float(per["rmse"][t]) == pytest.approx(math.sqrt(float((err ** 2).mean())), rel=1e-6)
+    assert float(pooled["t/user_mae"]) == pytest.approx(float(per["mae"].mean()), rel=1e-6)
+    assert float(pooled["t/user_rmse"]) == pytest.approx(float(per["rmse"].mean()), rel=1e-6)
+
+
+def test_per_user_auc_counts_ties_half():
+    scores = torch.tensor([[2.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    query = {"label": torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]]),
+             "mask": torch.tensor([[True, True, True, True], [True, True, True, False]])}
+    per = per_task_metrics(scores, query, torch.tensor([0, 1]), "implicit",
+                           MetricsConfig(top_k=[2]), None)
+    # task 0: positives 2.0, 1.0 vs negatives 1.0, 0.0 -> (1 + 1 + 0.5 + 1) / 4
+    assert float(per["auc"][0]) == pytest.approx(0.875)
+    assert math.isnan(float(per["auc"][1]))  # no negative
+
+
+def _exploding_learner(fallback: str, factor: float | None = 10.0):
+    from metarec import DataSchema
+    from metarec.metrics import DivergenceGuard
+    from metarec.module import MetaLearner
+
+    table, splits = synthetic_setup()
+    schema = DataSchema(table.num_users, table.num_items, table.schema.features, "explicit",
+                        (1.0, 5.0))
+    torch.manual_seed(0)
+    model = MetaLearner(backbone="melu", backbone_args={"embedding_dim": 4, "hidden": [8, 8]},
+                        algorithm="maml", algorithm_args={"inner_steps": 3, "inner_lr": 0.01},
+                        policy="finetune", policy_args={"steps": 3, "lr": 50.0},
+                        divergence=DivergenceGuard(factor=factor, fallback=fallback),
+                        schema=schema)
+    batch = EpisodeCollator(splits["test"], table)(list(range(8)))
+    return model, batch
+
+
+def test_divergence_guard_falls_back_to_the_start_and_counts():
+    model, batch = _exploding_learner("start")
+    iterates, diverged = model.adapt_guarded(batch)
+    raw = model.adapt(batch)
+    assert not diverged[0].any() and diverged[-1].any()
+    caught = diverged[-1]
+    for name, start in iterates[0].items():
+        assert torch.equal(iterates[-1][name][caught], start[caught])
+        assert torch.equal(iterates[-1][name][~caught], raw[-1][name][~caught])
+    for earlier, later in zip(diverged, diverged[1:]):
+        assert bool((later | ~earlier).all())  # once diverged, diverged from then on
+    model.on_test_epoch_start()
+    metrics = model._metrics("test", "")
+    model._evaluate(batch, "test")
+    values = metrics.compute("test")
+    assert float(values["test/diverged_users"]) == float(caught.sum())
+    assert float(values["test/step0/diverged_users"]) == 0
+    # the fallback scores the caught users exactly like step 0
+    rows = {(r["user"], r["step"]): r for r in model._user_rows()}
+    for r in rows.values():
+        if r["diverged"]:
+            assert r["mae"] == pytest.approx(rows[(r["user"], 0)]["mae"])
+    assert math.isfinite(float(values["test/mae"]))
+
+
+def test_divergence_guard_keep_only_counts_and_off_does_nothing():
+    model, batch = _exploding_learner("keep")
+    iterates, diverged = model.adapt_guarded(batch)
+    raw = model.adapt(batch)
+    assert diverged[-1].any()
+    for name in raw[-1]:
+        assert torch.equal(iterates[-1][name], raw[-1][name])
+    model, batch = _exploding_learner("start", factor=None)
+    _, diverged = model.adapt_guarded(batch)
+    assert not any(bool(d.any()) for d in diverged)
