@@ -44,15 +44,17 @@ JSON layout::
      {recipe, overrides}}}, "command": str, "complete": bool, "torch_threads": int,
      "summary": {...},                        # summarise(): what the tables show
      "runs": [{method, recipe, overrides, command, fold, seed, fit_seconds, sec_per_epoch,
-               epochs, best_epoch, monitor, best_score, tested ("best" | "final"), max_step,
-               torch_threads, users: {train, val, test, eligible}, tasks: {...},
+               val_seconds, run_seconds, epochs, best_epoch (0-based), monitor, best_score,
+               tested ("best" | "final"), validation, max_step, torch_threads, dataset,
+               feedback, users: {train, val, test, eligible}, tasks: {...},
                rows: {"user": [...], "k": [...], "step": [...], "support_size": [...],
                       "diverged": [...], "mae": [...], "rmse": [...], "ndcg@5": [...], ...}}],
      "chance": [{fold, seed, mean_rating, draws, rows: {"user": [...], "mae": [...], ...}}]}
 
 ``rows`` are columnar, one entry per (test user, K, step) for step 0 and the final step only,
 floats rounded to 6 decimals, ``null`` where a metric is undefined for a user (e.g. nDCG with no
-relevant query item). ``chance`` (one per fold and seed: the test users do not depend on the
+relevant query item); every per-user metric of ``MetaLearner.user_results`` except, with explicit
+feedback, ``loss`` (the MSE: ``rmse`` squared). ``chance`` (one per fold and seed: the test users do not depend on the
 method) scores the same users' query items with uniform random scores (mean over ``draws``
 seeded draws) for the ranking metrics, and predicts every query rating with the mean training
 rating for MAE/RMSE.
@@ -67,7 +69,9 @@ p-value. Users whose value is undefined are skipped and counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -77,7 +81,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,10 +324,6 @@ def run_one(method: Method, fold: int, seed: int, *, folds: int, ks: Sequence[in
             extra: Sequence[str] = (), quick: bool = False, chance_draws: int = 20) -> dict:
     """Meta-train ``method`` on the training folds of ``(fold, seed)``, test its best epoch on
     fold ``fold``'s users at every K: the run record (and ``"chance"``: the chance rows)."""
-    import torch
-
-    from metarec.cli import MetarecCLI
-
     os.environ.setdefault("WANDB_MODE", "disabled")
     recipe = method.recipe if Path(method.recipe).is_absolute() else str(REPO / method.recipe)
     args = [*QUIET, "--seed_everything", str(seed), "--data.seed", str(seed),
@@ -332,55 +333,97 @@ def run_one(method: Method, fold: int, seed: int, *, folds: int, ks: Sequence[in
         args += ["--trainer.max_epochs", str(QUICK["epochs"]),
                  "--trainer.check_val_every_n_epoch", "1"]
     root = tempfile.mkdtemp(prefix="metarec-cold-start-")
+    start = time.perf_counter()
     try:
-        cli = MetarecCLI(args=["--config", recipe, *args, "--trainer.default_root_dir", root],
-                         run=False)
-        trainer, model = cli.trainer, cli.model
-        trainer.callbacks[:] = [c for c in trainer.callbacks
-                                if type(c).__name__ not in NOISY_CALLBACKS]
-        for callback in trainer.callbacks:  # everything this run writes stays in `root`
-            if type(callback).__name__ == "InterruptCheckpoint":
-                callback.dirpath = os.path.join(root, "interrupted")
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None:
-            checkpoint.dirpath = os.path.join(root, "checkpoints")
-        timer = epoch_timer()
-        trainer.callbacks.append(timer)
-        start = time.perf_counter()
-        trainer.fit(model, datamodule=cli.datamodule)
-        fit_seconds = time.perf_counter() - start
-        monitor = getattr(checkpoint, "monitor", None)
-        best = getattr(checkpoint, "best_model_path", "") if monitor else ""
-        if best and os.path.isfile(best):
-            tested, best_epoch = "best", _best_epoch(best)
-            best_score = _clean(checkpoint.best_model_score)
-            trainer.test(model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
-        else:  # no monitored checkpoint: the final weights
-            tested, best_epoch, best_score = "final", None, None
-            trainer.test(model, datamodule=cli.datamodule, verbose=False)
-        results = getattr(model, "user_results", None)
-        if not results:
-            raise RuntimeError("the model recorded no per-user test results (model.user_results)")
-        max_step = max(int(r["step"]) for r in results)
-        splits = cli.datamodule.splits
-        run = {
-            "method": method.name, "recipe": method.recipe, "overrides": list(method.overrides),
-            "command": "metarec fit " + shlex.join(["--config", method.recipe, *args]),
-            "fold": fold, "seed": seed, "fit_seconds": round(fit_seconds, 3),
-            "sec_per_epoch": round(statistics.median(timer.seconds), 4) if timer.seconds else None,
-            "val_seconds": round(timer.val_seconds, 3), "epochs": trainer.current_epoch,
-            "best_epoch": best_epoch, "monitor": monitor, "best_score": best_score,
-            "tested": tested, "max_step": max_step, "torch_threads": torch.get_num_threads(),
-            "dataset": cli.datamodule.dataset_name, "feedback": splits.feedback,
-            "users": {"train": len(splits.train), "val": len(splits.val),
-                      "test": len(splits.test), "eligible": int(splits.stats["tasks"])},
-            "tasks": _task_config(cli.datamodule.task_config),
-            "rows": columnar(results, {0, max_step}),
-            "chance": chance_rows(cli, seed, chance_draws),
-        }
+        with _quiet():
+            run = _run(method, fold, seed, recipe, args, root, chance_draws)
+        run["run_seconds"] = round(time.perf_counter() - start, 3)  # build, fit, test, chance
         return run
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Lightning's info lines and the warnings every in-process run repeats, silenced."""
+    import lightning.pytorch  # noqa: F401 - it sets its loggers' levels when first imported
+
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        for message in ("args parameter is intended to run from within Python",
+                        "does not round-trip", "LeafSpec"):
+            warnings.filterwarnings("ignore", message=f"(?s).*{message}")
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _run(method: Method, fold: int, seed: int, recipe: str, args: list[str], root: str,
+         chance_draws: int) -> dict:
+    import torch
+
+    from metarec.cli import MetarecCLI
+
+    cli = MetarecCLI(args=["--config", recipe, *args, "--trainer.default_root_dir", root],
+                     run=False)
+    trainer, model = cli.trainer, cli.model
+    trainer.callbacks[:] = [c for c in trainer.callbacks
+                            if type(c).__name__ not in NOISY_CALLBACKS]
+    for callback in trainer.callbacks:  # everything this run writes stays in `root`
+        if type(callback).__name__ == "InterruptCheckpoint":
+            callback.dirpath = os.path.join(root, "interrupted")
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None:
+        checkpoint.dirpath = os.path.join(root, "checkpoints")
+    timer = epoch_timer()
+    trainer.callbacks.append(timer)
+    # Validation (and so the best epoch) on the validation users' full support, as the
+    # recipe alone would: with data.eval_support, validation would log only val/k{K}/...
+    # and the checkpoint's monitor (val/mae) would not exist. The caps apply to the test.
+    datamodule = cli.datamodule
+    caps, datamodule.eval_support = datamodule.eval_support, None
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    datamodule.eval_support = caps
+    monitor = getattr(checkpoint, "monitor", None)
+    best = getattr(checkpoint, "best_model_path", "") if monitor else ""
+    if best and os.path.isfile(best):
+        tested, best_epoch = "best", _best_epoch(best)
+        best_score = _clean(checkpoint.best_model_score)
+        trainer.test(model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+    else:  # no monitored checkpoint: the final weights
+        tested, best_epoch, best_score = "final", None, None
+        trainer.test(model, datamodule=cli.datamodule, verbose=False)
+    results = getattr(model, "user_results", None)
+    if not results:
+        raise RuntimeError("the model recorded no per-user test results (model.user_results)")
+    max_step = max(int(r["step"]) for r in results)
+    splits = cli.datamodule.splits
+    run = {
+        "method": method.name, "recipe": method.recipe, "overrides": list(method.overrides),
+        "command": "metarec fit " + shlex.join(["--config", method.recipe, *args]),
+        "fold": fold, "seed": seed, "fit_seconds": round(fit_seconds, 3),
+        "sec_per_epoch": round(statistics.median(timer.seconds), 4) if timer.seconds else None,
+        "val_seconds": round(timer.val_seconds, 3), "epochs": trainer.current_epoch,
+        "best_epoch": best_epoch, "monitor": monitor, "best_score": best_score,
+        "tested": tested, "validation": "full support", "max_step": max_step,
+        "torch_threads": torch.get_num_threads(),
+        "dataset": cli.datamodule.dataset_name, "feedback": splits.feedback,
+        "users": {"train": len(splits.train), "val": len(splits.val),
+                  "test": len(splits.test), "eligible": int(splits.stats["tasks"])},
+        "tasks": _task_config(cli.datamodule.task_config),
+        # Explicit feedback: the per-user loss is the MSE, rmse squared; not stored twice.
+        "rows": columnar([{k: v for k, v in r.items() if k != "loss"} for r in results]
+                         if splits.feedback == "explicit" else results, {0, max_step}),
+        "chance": chance_rows(cli, seed, chance_draws),
+    }
+    return run
 
 
 def _task_config(config: Any) -> dict[str, Any]:
@@ -450,28 +493,31 @@ Runner = Callable[..., dict]
 def run_study(methods: Sequence[Method], *, baseline: str, folds: int, seeds: Sequence[int],
               ks: Sequence[int | None], json_path: str | Path, extra: Sequence[str] = (),
               quick: bool = False, only_folds: Sequence[int] | None = None, fresh: bool = False,
-              progress: bool = True, command: str | None = None, runner: Runner = run_one,
+              progress: bool = True, command: str | None = None, runner: Runner | None = None,
               stats: dict[str, Any] | None = None) -> dict:
     """Run every (seed, fold, method) not yet in ``json_path``; write the JSON after each."""
     json_path = Path(json_path)
+    runner = runner or run_one
     baseline = resolve_baseline(baseline, methods)
     config = {"folds": folds, "k": [k_label(k) for k in ks], "extra": list(extra),
               "quick": quick, "baseline": baseline, "seeds": sorted(set(seeds)),
               "methods": {m.name: m.spec() for m in methods}}
-    result: dict[str, Any] = {"runs": [], "chance": []}
+    result: dict[str, Any] = {"runs": [], "chance": [], "command": None}
     if json_path.is_file() and not fresh:
         result = json.loads(json_path.read_text())
         _check_resumable(result, config)
         config["seeds"] = sorted(set(result["config"].get("seeds", [])) | set(seeds))
         config["methods"] = {**result["config"].get("methods", {}), **config["methods"]}
+    fold_list = list(range(folds)) if only_folds is None else sorted(set(only_folds))
+    done = {(r["method"], r["fold"], r["seed"]) for r in result.get("runs", [])}
+    todo = [(m, fold, seed) for seed in seeds for fold in fold_list for m in methods
+            if (m.name, fold, seed) not in done]
+    # The footer's command: the latest invocation that ran something.
+    command = command if todo or not result.get("command") else result["command"]
     result = {"protocol": None, "config": config, "command": command, "complete": False,
               "torch_threads": None, "summary": None, "runs": result.get("runs", []),
               "chance": result.get("chance", [])}
-    done = {(r["method"], r["fold"], r["seed"]) for r in result["runs"]}
     chance_done = {(c["fold"], c["seed"]) for c in result["chance"]}
-    fold_list = list(range(folds)) if only_folds is None else sorted(set(only_folds))
-    todo = [(m, fold, seed) for seed in seeds for fold in fold_list for m in methods
-            if (m.name, fold, seed) not in done]
 
     def finish() -> None:
         wanted = {(m.name, f, s) for s in config["seeds"] for f in range(folds)
@@ -503,7 +549,7 @@ def run_study(methods: Sequence[Method], *, baseline: str, folds: int, seeds: Se
         if not todo and result["runs"]:
             finish()
         for method, fold, seed in todo:
-            label = f"{method.name} fold {fold}/{folds} seed {seed}"
+            label = f"{method.name} fold {fold} (of {folds}) seed {seed}"
             if bar is not None:
                 bar.update(task, description=label)
             run = runner(method, fold, seed, folds=folds, ks=ks, extra=extra, quick=quick)
@@ -516,7 +562,7 @@ def run_study(methods: Sequence[Method], *, baseline: str, folds: int, seeds: Se
             finish()
             if bar is not None:
                 bar.advance(task)
-                bar.console.print(f"{label}: {_run_line(run)}")
+                bar.console.print(f"{label}: {_run_line(run)}", soft_wrap=True)
     finally:
         if bar is not None:
             bar.stop()
@@ -533,7 +579,8 @@ def _run_line(run: dict) -> str:
         if values:
             parts.append(f"K={k} {metric} {statistics.mean(values):.4f}")
     best = f"best epoch {run['best_epoch']}" if run["tested"] == "best" else "final weights"
-    return f"{run['fit_seconds']:.0f}s, {best}; " + ", ".join(parts)
+    total = f" ({run['run_seconds']:.0f}s in all)" if run.get("run_seconds") else ""
+    return f"fit {run['fit_seconds']:.0f}s{total}, {best}; " + ", ".join(parts)
 
 
 def merge(paths: Sequence[str | Path]) -> dict:
@@ -875,28 +922,35 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.markdown).write_text(table)
         return 0
 
-    study = load_study(args.study) if args.study else {"methods": [], "overrides": []}
-    methods = list(study["methods"])
-    if args.recipes:
-        methods += methods_from_recipes(args.recipes.split(","))
-    _check_names(methods)
-    folds = args.folds or study.get("folds") or 10
-    seeds = ([int(s) for s in args.seeds.split(",")] if args.seeds
-             else list(study.get("seeds") or [0]))
-    ks = parse_k(args.k) if args.k else (study.get("k") or [1, 3, 5, 10, 20, None])
-    if args.quick:
-        folds, seeds, ks = QUICK["folds"], seeds[:1], list(QUICK["k"])
-    baseline = args.baseline or study.get("baseline")
+    try:
+        study = load_study(args.study) if args.study else {"methods": [], "overrides": []}
+        methods = list(study["methods"])
+        if args.recipes:
+            methods += methods_from_recipes(args.recipes.split(","))
+        _check_names(methods)
+        folds = args.folds or study.get("folds") or 10
+        seeds = ([int(s) for s in args.seeds.split(",")] if args.seeds
+                 else list(study.get("seeds") or [0]))
+        ks = parse_k(args.k) if args.k else (study.get("k") or [1, 3, 5, 10, 20, None])
+        if args.quick:
+            folds, seeds, ks = QUICK["folds"], seeds[:1], list(QUICK["k"])
+        baseline = resolve_baseline(args.baseline or study.get("baseline"), methods)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
     only = [int(f) for f in args.only_folds.split(",")] if args.only_folds else None
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "disabled")
-    result = run_study(methods, baseline=baseline, folds=folds, seeds=seeds, ks=ks,
-                       json_path=json_path, extra=[*study.get("overrides", []), *args.extra],
-                       quick=args.quick, only_folds=only, fresh=args.fresh,
-                       progress=not args.no_progress, command=command, stats=stats)
+    try:
+        result = run_study(methods, baseline=baseline, folds=folds, seeds=seeds, ks=ks,
+                           json_path=json_path, extra=[*study.get("overrides", []), *args.extra],
+                           quick=args.quick, only_folds=only, fresh=args.fresh,
+                           progress=not args.no_progress, command=command, stats=stats)
+    except StudyMismatch as err:
+        print(f"cold_start: {json_path}: {err}", file=sys.stderr)
+        return 2
     if not result["runs"]:
         print("nothing to do", file=sys.stderr)
         return 0

@@ -225,6 +225,38 @@ def test_markdown_has_intervals_differences_chance_and_footer(tmp_path):
     assert cold_start.markdown(result).startswith("**MAE**")
 
 
+def test_command_line(tmp_path, monkeypatch, capsys):
+    runner = FakeRunner()
+    monkeypatch.setattr(cold_start, "run_one", runner)
+    path = tmp_path / "s.yaml"
+    path.write_text("baseline: base\nfolds: 3\nk: [1, all]\nmethods:\n"
+                    "  - {name: base, recipe: recipes/quickstart.yaml}\n"
+                    "  - {name: good, recipe: recipes/quickstart.yaml, overrides: [--a, '1']}\n")
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    argv = ["--study", str(path), "--json", str(out), "--markdown", str(md), "--seeds", "0,1",
+            "--no-progress", "--resamples", "500", "--", "--trainer.max_epochs", "2"]
+    assert cold_start.main(argv) == 0
+    assert len(runner.calls) == 12 and md.read_text() in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["config"]["extra"] == ["--trainer.max_epochs", "2"]
+    assert saved["config"]["k"] == ["1", "all"] and saved["complete"]
+    assert saved["command"].startswith("python benchmarks/cold_start.py --study")
+    # Resumed with nothing left to do: no run, and the command that produced it is kept.
+    assert cold_start.main(["--threads", "1", *argv]) == 0
+    assert len(runner.calls) == 12
+    assert json.loads(out.read_text())["command"] == saved["command"]
+    # A different study in the same file: refused, with the reason.
+    assert cold_start.main(argv[:-3]) == 2
+    assert "extra = [] here but" in capsys.readouterr().err
+    # --quick: 2 folds, the first seed, K 1 and all.
+    quick = tmp_path / "q.json"
+    cold_start.main(["--study", str(path), "--quick", "--json", str(quick), "--no-progress",
+                     "--resamples", "200"])
+    q = json.loads(quick.read_text())
+    assert q["config"]["folds"] == 2 and q["config"]["seeds"] == [0] and q["config"]["quick"]
+    assert len(q["runs"]) == 4
+
+
 def test_study_file_and_baseline_by_path(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("baseline: recipes/quickstart.yaml\nfolds: 4\nseeds: 3\nk: [1, all]\n"
@@ -262,13 +294,15 @@ def test_merge_of_parallel_halves(tmp_path):
 
 # -- end to end --------------------------------------------------------------------------
 def test_end_to_end_quickstart_two_folds(tmp_path):
-    """The real framework: recipes/quickstart.yaml, 2 folds, 1 seed, K {1, all}, 2 batches."""
+    """The real framework: recipes/quickstart.yaml (240 users), 2 folds, 1 seed, K {1, all},
+    2 training batches; maml against the same recipe without adaptation (frozen) as baseline."""
     pytest.importorskip("metarec.metrics").per_task_metrics  # noqa: B018 - the interface is in
     methods = [cold_start.Method("maml", "recipes/quickstart.yaml"),
                cold_start.Method("frozen", "recipes/quickstart.yaml",
                                  ["--model.policy", "frozen"])]
     extra = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-             "--trainer.check_val_every_n_epoch", "1"]
+             "--trainer.check_val_every_n_epoch", "1",
+             "--data.dataset_args.num_users", "240"]  # fewer test users: a faster test
     out = tmp_path / "e2e.json"
     result = cold_start.run_study(methods, baseline="frozen", folds=2, seeds=[0], ks=[1, None],
                                   json_path=out, extra=extra, progress=False,
