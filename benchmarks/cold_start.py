@@ -515,13 +515,14 @@ def run_study(methods: Sequence[Method], *, baseline: str, folds: int, seeds: Se
     # The footer's command: the latest invocation that ran something.
     command = command if todo or not result.get("command") else result["command"]
     result = {"protocol": None, "config": config, "command": command, "complete": False,
-              "torch_threads": None, "summary": None, "runs": result.get("runs", []),
+              "torch_threads": result.get("torch_threads"), "summary": None,
+              "runs": result.get("runs", []),
               "chance": result.get("chance", [])}
     chance_done = {(c["fold"], c["seed"]) for c in result["chance"]}
 
     def finish() -> None:
-        wanted = {(m.name, f, s) for s in config["seeds"] for f in range(folds)
-                  for m in methods}
+        wanted = {(name, f, s) for s in config["seeds"] for f in range(folds)
+                  for name in config["methods"]}
         have = {(r["method"], r["fold"], r["seed"]) for r in result["runs"]}
         result["complete"] = wanted <= have
         result["protocol"] = protocol(result)
@@ -837,8 +838,8 @@ def _footer(result: dict, summary: dict) -> list[str]:
         n = max((c[metric]["final"]["n_skipped"] for e in methods.values()
                  for c in e["k"].values() if metric in c), default=0)
         if n:
-            skipped.append(f"{_title(metric)}: up to {n} users without a defined value "
-                           "(e.g. no relevant query item) skipped")
+            skipped.append(f"{_title(metric)}: up to {n} user{'s' if n != 1 else ''} without a "
+                           "defined value (e.g. no relevant query item) skipped")
     diverged = [f"{name} K={k}: {c['diverged']} of {c['rows']}"
                 for name, e in methods.items() for k, c in e["k"].items() if c["diverged"]]
     steps = sorted({s for e in methods.values() for s in e["max_step"]})
@@ -854,7 +855,7 @@ def _footer(result: dict, summary: dict) -> list[str]:
     lines = [
         f"Protocol: {result.get('protocol') or protocol(result)}.{runs_note}",
         f"Users: {'/'.join(str(n) for n in n_users)} test users per cell ({folds} user folds x "
-        f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))}; "
+        f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}); "
         "each user's values averaged over seeds)"
         + (f"; {'; '.join(skipped)}" if skipped else "") + ".",
         f"Cells: mean over users [{stats['ci']}]; step 0 = the meta-learned (or pretrained) start, "

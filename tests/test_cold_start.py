@@ -217,7 +217,7 @@ def test_markdown_has_intervals_differences_chance_and_footer(tmp_path):
     assert "step 0 (before adaptation)" in text
     assert "chance: mean training rating (3.50) (any K)" in text and "chance: random scores" in text
     assert "95% t-interval" in text and "Wilcoxon signed-rank" in text
-    assert "paired percentile bootstrap" in text and "3 user folds x 2 seeds" in text
+    assert "paired percentile bootstrap" in text and "3 user folds x 2 seeds (0, 1)" in text
     assert "bad K=1: 2 of 120" in text and "`python benchmarks/cold_start.py --quick`" in text
     assert "Incomplete" not in text
     # Rendered from a JSON without a stored summary too (computed on the fly).
