@@ -53,11 +53,19 @@ JSON layout::
 
 ``rows`` are columnar, one entry per (test user, K, step) for step 0 and the final step only,
 floats rounded to 6 decimals, ``null`` where a metric is undefined for a user (e.g. nDCG with no
-relevant query item); every per-user metric of ``MetaLearner.user_results`` except, with explicit
-feedback, ``loss`` (the MSE: ``rmse`` squared). ``chance`` (one per fold and seed: the test users do not depend on the
-method) scores the same users' query items with uniform random scores (mean over ``draws``
-seeded draws) for the ranking metrics, and predicts every query rating with the mean training
-rating for MAE/RMSE.
+relevant query item); every per-user metric of ``MetaLearner.user_results`` except, with
+explicit feedback, ``loss`` (the MSE: ``rmse`` squared). ``chance`` (one per fold and seed: the
+test users do not depend on the method) scores the same users' query items with uniform random
+scores (mean over ``draws`` seeded draws) for the ranking metrics, and predicts every query
+rating with the mean training rating for MAE/RMSE.
+
+Validation (which picks the best epoch) runs on the validation users' full support, as the
+recipe alone would; the K caps apply to the test users only (``"validation": "full support"``).
+
+Two cores: run halves in parallel (``--threads 1 --only-folds 0,2,4,6,8 --json /tmp/a.json`` and
+``--only-folds 1,3,5,7,9 --json /tmp/b.json``), then ``--merge /tmp/a.json /tmp/b.json --json
+benchmarks/results/cold_start.json``. Nothing in a run is written outside a temporary folder,
+deleted when the run ends.
 
 Statistics (benchmarks/_stats.py): per-user values are averaged over seeds first; a cell is the
 mean over users with a 95% t-interval (``--ci bootstrap``: percentile bootstrap); a difference
