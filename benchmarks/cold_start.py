@@ -918,12 +918,24 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/cold_start.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     if args.summarise or args.merge:
-        result = merge(args.merge) if args.merge else json.loads(json_path.read_text())
+        try:
+            result = merge(args.merge) if args.merge else json.loads(json_path.read_text())
+        except StudyMismatch as err:
+            print(f"cold_start: cannot merge: {err}", file=sys.stderr)
+            return 2
         if args.baseline:
             result["config"]["baseline"] = args.baseline
-        result["summary"] = summarise(result, **stats)
         if args.merge:
-            result["command"] = command
+            methods = result["config"]["methods"]
+            wanted = {(name, f, s) for s in result["config"]["seeds"]
+                      for f in range(result["config"]["folds"]) for name in methods}
+            result["complete"] = wanted <= {(r["method"], r["fold"], r["seed"])
+                                            for r in result["runs"]}
+            result["protocol"] = protocol(result)
+        result["summary"] = summarise(result, **stats)
+        if args.merge:  # the footer names the invocations that ran the runs, then the merge
+            commands = [json.loads(Path(p).read_text()).get("command") for p in args.merge]
+            result["command"] = "; ".join([*dict.fromkeys(c for c in commands if c), command])
             write_atomic(json_path, result)
         table = markdown(result)
         print(table)

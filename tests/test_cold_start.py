@@ -290,6 +290,15 @@ def test_merge_of_parallel_halves(tmp_path):
     for part in ("final", "step0", "vs_baseline"):
         ours, ref = (x["methods"]["good"]["k"]["1"]["mae"][part] for x in (s, whole["summary"]))
         assert ours == pytest.approx(ref)
+    # From the command line: the merged file is complete; a file of another study is refused.
+    out = tmp_path / "merged.json"
+    assert cold_start.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                            "--json", str(out), "--resamples", "200"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["complete"] and len(saved["runs"]) == 18
+    study(tmp_path, FakeRunner(), ks=[1, None], json_path=tmp_path / "c.json")
+    assert cold_start.main(["--merge", str(out), str(tmp_path / "c.json"), "--json",
+                            str(tmp_path / "bad.json")]) == 2
 
 
 # -- end to end --------------------------------------------------------------------------
