@@ -296,7 +296,7 @@ class Adapter:
 
     def _run_policy(self, support: FeatureBatch) -> Params:
         if not self.compile:
-            return self.policy.adapt(self.functional, self.start, self.slow, support)[-1]
+            return self._final(self.start, self.slow, support)
         users, width = support["mask"].shape
         padded = {k: self._pad(v, _bucket(users, 1), _bucket(width, 64)) for k, v in support.items()}
         if self._compiled is None:
@@ -310,7 +310,12 @@ class Adapter:
         return {k: v[:users] for k, v in adapted.items()}
 
     def _final(self, start: Params, slow: Params, support: FeatureBatch) -> Params:
-        return self.policy.adapt(self.functional, start, slow, support)[-1]
+        """The policy's last iterate, under the model's divergence guard (as in evaluation)."""
+        from metarec.module import guard_iterates
+
+        iterates = self.policy.adapt(self.functional, start, slow, support)
+        return guard_iterates(self.functional, iterates, slow, support,
+                              self.model.divergence)[0][-1]
 
     @staticmethod
     def _pad(value: torch.Tensor, users: int, width: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from metarec import registry
 from metarec.contract import split_record
-from metarec.data.episodes import EpisodeBatch
+from metarec.data.episodes import EpisodeBatch, FeatureBatch
 from metarec.functional import FunctionalModel, Params, select_parameters
 from metarec.metrics import AdaptationMetrics, DivergenceGuard, MetricsConfig, per_task_metrics
 from metarec.optim import clip_gradients
@@ -19,6 +19,42 @@ from metarec.tracking import log_curve, log_table
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def guard_iterates(model: FunctionalModel, iterates: list[Params], slow: Params,
+                   support: FeatureBatch, guard: DivergenceGuard, query: FeatureBatch | None = None
+                   ) -> tuple[list[Params], list[torch.Tensor]]:
+    """The divergence guard on a policy's iterates (leading task dim): ``(iterates, diverged)``.
+
+    A task diverges at the first step whose *support* loss is non-finite or above
+    ``guard.factor`` times its step-0 support loss, or whose fast parameters (or, when
+    ``query`` is given, query scores) are not all finite; neither looks at a query label, so
+    evaluation and deployment (:class:`metarec.Adapter`) run the same guard. A task stays
+    diverged for the later steps; with ``guard.fallback: start`` its iterates from then on are
+    its step-0 start, with ``keep`` they are left as they are (and only counted).
+    """
+    n = support["mask"].shape[0]
+    none = torch.zeros(n, dtype=torch.bool, device=support["mask"].device)
+    if guard.factor is None:
+        return iterates, [none] * len(iterates)
+    with torch.no_grad():
+        first = model.loss_tasks(iterates[0], slow, support)
+        diverged, flags, guarded = none, [none], [iterates[0]]
+        for fast in iterates[1:]:
+            loss = model.loss_tasks(fast, slow, support)
+            bad = ~torch.isfinite(loss) | (loss > guard.factor * first.clamp_min(1e-12))
+            for value in fast.values():
+                bad = bad | ~torch.isfinite(value.reshape(n, -1)).all(1)
+            if query is not None:
+                scores = model.predict_tasks(fast, slow, query)
+                bad = bad | ~(torch.isfinite(scores) | ~query["mask"]).all(1)
+            diverged = diverged | bad
+            if guard.fallback == "start" and bool(diverged.any()):
+                fast = {k: torch.where(diverged.view(-1, *([1] * (v.ndim - 1))),
+                                       iterates[0][k], v) for k, v in fast.items()}
+            flags.append(diverged)
+            guarded.append(fast)
+    return guarded, flags
 
 
 class MetaLearner(pl.LightningModule):
@@ -155,38 +191,11 @@ class MetaLearner(pl.LightningModule):
         return self.policy.adapt(self.functional, fast, slow, batch.support)
 
     def adapt_guarded(self, batch: EpisodeBatch) -> tuple[list[Params], list[torch.Tensor]]:
-        """:meth:`adapt` under the divergence guard: ``(iterates, diverged)``, where
-        ``diverged[s]`` ``(B,)`` marks the tasks whose adaptation had diverged by step ``s``.
-
-        A task diverges at the first step whose *support* loss is non-finite or above
-        ``divergence.factor`` times its step-0 support loss, or whose query scores are not all
-        finite (neither looks at a query label, so the guard can run at deployment too). It
-        stays diverged for the later steps; with ``divergence.fallback: start`` its iterates
-        from then on are replaced by its step-0 start, with ``keep`` they are left as they are
-        (and only counted)."""
-        iterates = self.adapt(batch)
-        guard = self.divergence
-        n = len(batch)
-        none = torch.zeros(n, dtype=torch.bool, device=batch.users.device)
-        if guard.factor is None:
-            return iterates, [none] * len(iterates)
+        """:meth:`adapt` under the divergence guard (:func:`guard_iterates`): ``(iterates,
+        diverged)``, ``diverged[s]`` ``(B,)`` marking the tasks caught by step ``s``."""
         slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
-        with torch.no_grad():
-            first = self.functional.loss_tasks(iterates[0], slow, batch.support)
-            diverged, flags, guarded = none, [], []
-            for step, fast in enumerate(iterates):
-                if step:
-                    loss = self.functional.loss_tasks(fast, slow, batch.support)
-                    scores = self.functional.predict_tasks(fast, slow, batch.query)
-                    finite = torch.isfinite(scores).all(1) | ~batch.query["mask"].any(1)
-                    diverged = diverged | ~torch.isfinite(loss) | ~finite \
-                        | (loss > guard.factor * first.clamp_min(1e-12))
-                    if guard.fallback == "start" and bool(diverged.any()):
-                        fast = {k: torch.where(diverged.view(-1, *([1] * (v.ndim - 1))),
-                                               iterates[0][k], v) for k, v in fast.items()}
-                flags.append(diverged)
-                guarded.append(fast)
-        return guarded, flags
+        return guard_iterates(self.functional, self.adapt(batch), slow, batch.support,
+                              self.divergence, batch.query)
 
     def _evaluate(self, batch: EpisodeBatch | dict[str, EpisodeBatch], stage: str) -> None:
         """Adapt and score a batch (or, with ``data.eval_support``, the same tasks at every

@@ -28,7 +28,7 @@ Config (plain YAML, ``yaml.safe_load``)::
     fit_recipe: recipes/quickstart.yaml
     fit_overrides: ["--trainer.max_steps", "100"]
     data: {...}                        # EpisodeDataModule arguments (as a recipe's `data:`);
-                                       # default: the fit_recipe's `data:` section
+                                       # default: the checkpoint's own (its split)
     policies:                          # each adapts from the same checkpoint's start
       - {name: frozen}
       - {name: finetune, args: {steps: 5}}
@@ -221,20 +221,37 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         writer.writerows(rows)
 
 
-def _datamodule(config: dict[str, Any]) -> Any:
+def _datamodule(config: dict[str, Any], checkpoint: str | Path) -> Any:
+    """The test split to replay: the checkpoint's own data settings (its data contract), or
+    ``data:`` when the config gives one; an error if that split's test users were the
+    checkpoint's meta-training users."""
+    from metarec import contract
+    from metarec.checkpoint import load_checkpoint
     from metarec.data.tasks import TaskConfig
     from metarec.datamodule import EpisodeDataModule
 
+    ckpt = load_checkpoint(checkpoint)
     data = config.get("data")
-    if data is None and "fit_recipe" in config:
-        data = (yaml.safe_load(Path(config["fit_recipe"]).read_text()) or {}).get("data")
+    if data is None:
+        data = ckpt.get("datamodule_hyper_parameters")
     if not isinstance(data, dict):
-        raise ValueError("simulate: a data: section (EpisodeDataModule arguments, as a recipe's "
-                         "data:) is needed to rebuild the test split of a checkpoint")
-    data = dict(data)
+        raise ValueError("simulate: the checkpoint carries no data settings (written before "
+                         "checkpoints carried their split): give a data: section, as the fit "
+                         "recipe's data:")
+    data = {k: v for k, v in data.items() if not k.startswith("_")}  # Lightning's _instantiator
     if isinstance(data.get("tasks"), dict):
         data["tasks"] = TaskConfig(**data["tasks"])
-    return EpisodeDataModule(**data)
+    datamodule = EpisodeDataModule(**data)
+    record = ckpt.get("metarec_split")
+    if record is not None:
+        saved_keys = (ckpt.get("metarec_data") or {}).get("user_keys")
+        n = contract.overlap(record, saved_keys, datamodule.splits, datamodule.table.user_keys,
+                             "test")
+        if n:
+            raise ValueError(f"simulate: {n} of the {len(datamodule.splits.test)} test users of "
+                             "data: were meta-training users of the checkpoint; drop data: to "
+                             "replay the checkpoint's own test users")
+    return datamodule
 
 
 def simulate(config: str | Path | dict[str, Any]) -> dict[str, Any]:
@@ -249,7 +266,7 @@ def simulate(config: str | Path | dict[str, Any]) -> dict[str, Any]:
     if checkpoint is None:
         checkpoint = train_recipe(config["fit_recipe"], output / "model.ckpt",
                                   [str(x) for x in config["fit_overrides"]])
-    datamodule = _datamodule(config)
+    datamodule = _datamodule(config, checkpoint)
     tasks = datamodule.splits.test
     streams = user_streams(tasks, config["users"])
     explicit = datamodule.splits.feedback == "explicit"

@@ -170,3 +170,22 @@ def test_divergence_guard_keep_only_counts_and_off_does_nothing():
     model, batch = _exploding_learner("start", factor=None)
     _, diverged = model.adapt_guarded(batch)
     assert not any(bool(d.any()) for d in diverged)
+
+
+def test_the_adapter_serves_under_the_same_guard():
+    """Deployment runs the evaluation's guard: a user whose adaptation explodes is served from
+    the start."""
+    from metarec import Adapter
+    from metarec.module import guard_iterates
+
+    model, batch = _exploding_learner("start")
+    slow = {k: v.detach() for k, v in model.functional.split()[1].items()}
+    expected, diverged = guard_iterates(model.functional, model.adapt(batch), slow,
+                                        batch.support, model.divergence)
+    assert diverged[-1].any()
+    table, _ = synthetic_setup()
+    tables = lambda features: {f.spec.key: torch.from_numpy(f.values) for f in features}  # noqa: E731
+    served = Adapter(model, item_features=tables(table.item_features),
+                     user_features=tables(table.user_features))._run(batch.support)
+    for name, value in served.items():
+        torch.testing.assert_close(value, expected[-1][name])

@@ -173,3 +173,16 @@ def test_the_movielens_recipe_is_a_valid_config():
 def test_epsilon_is_validated_per_policy():
     with pytest.raises(ValueError, match="epsilon must be in"):
         load_config({"checkpoint": "x.ckpt", "policies": [{"name": "online", "epsilon": 2}]})
+
+
+def test_simulate_replays_the_checkpoints_own_test_users(checkpoint, tmp_path):
+    """Without data:, the checkpoint's split (its data contract); a data: whose test users the
+    model trained on is an error naming how many."""
+    from metarec.checkpoint import load_checkpoint
+    from metarec.simulate import _datamodule
+
+    saved = load_checkpoint(checkpoint)["metarec_split"]["users"]["test"]
+    assert torch.equal(_datamodule({}, checkpoint).splits.test.users, saved)
+    data = {**yaml.safe_load(open(QUICKSTART))["data"], "seed": 5}
+    with pytest.raises(ValueError, match=r"\d+ of the \d+ test users of data: were meta-training"):
+        _datamodule({"data": data}, checkpoint)
