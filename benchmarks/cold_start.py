@@ -33,6 +33,7 @@ compared under different settings::
         recipe: recipes/movielens-100k/mf-maml.yaml
         overrides: ["--model.algorithm_args.inner_steps", "3"]   # optional
       - {name: mf-pretrain, recipe: recipes/movielens-100k/mf-pretrain.yaml}
+      - {name: melu-maml, recipe: ..., baseline: melu-pretrain}   # its own baseline
 
 Command-line ``--baseline/--folds/--seeds/--k`` override the study file's values. A run is keyed
 by (method name, fold, seed); resuming refuses a file whose folds, K, extra overrides or a
@@ -123,6 +124,7 @@ class Method:
     name: str
     recipe: str
     overrides: list[str] = field(default_factory=list)
+    baseline: str | None = None  # the method it is compared with (default: the study's)
 
     def spec(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "overrides": list(self.overrides)}
@@ -194,12 +196,12 @@ def load_study(path: str | Path) -> dict[str, Any]:
     for i, entry in enumerate(data.get("methods") or []):
         if not isinstance(entry, dict) or "recipe" not in entry:
             raise ValueError(f"{path}: methods[{i}] needs at least a recipe")
-        bad = set(entry) - {"name", "recipe", "overrides"}
+        bad = set(entry) - {"name", "recipe", "overrides", "baseline"}
         if bad:
             raise ValueError(f"{path}: methods[{i}]: unknown keys {sorted(bad)}")
         overrides = [str(o) for o in entry.get("overrides") or []]
         methods.append(Method(str(entry.get("name") or Path(entry["recipe"]).stem),
-                              _recipe_path(entry["recipe"]), overrides))
+                              _recipe_path(entry["recipe"]), overrides, entry.get("baseline")))
     _check_names(methods)
     study = {"description": data.get("description"), "baseline": data.get("baseline"),
              "folds": data.get("folds"), "seeds": data.get("seeds"),
@@ -208,6 +210,12 @@ def load_study(path: str | Path) -> dict[str, Any]:
     if isinstance(study["seeds"], int):
         study["seeds"] = [study["seeds"]]
     return study
+
+
+def method_baselines(methods: Sequence[Method]) -> dict[str, str]:
+    """``{method: its own baseline}`` for the methods that name one (e.g. melu-maml against
+    melu-pretrain while the study's baseline is mf-pretrain)."""
+    return {m.name: resolve_baseline(m.baseline, methods) for m in methods if m.baseline}
 
 
 def resolve_baseline(baseline: str | None, methods: Sequence[Method]) -> str:
@@ -509,7 +517,8 @@ def run_study(methods: Sequence[Method], *, baseline: str, folds: int, seeds: Se
     baseline = resolve_baseline(baseline, methods)
     config = {"folds": folds, "k": [k_label(k) for k in ks], "extra": list(extra),
               "quick": quick, "baseline": baseline, "seeds": sorted(set(seeds)),
-              "methods": {m.name: m.spec() for m in methods}}
+              "methods": {m.name: m.spec() for m in methods},
+              "baselines": method_baselines(methods)}
     result: dict[str, Any] = {"runs": [], "chance": [], "command": None}
     if json_path.is_file() and not fresh:
         result = json.loads(json_path.read_text())
@@ -713,13 +722,16 @@ def summarise(result: dict, metrics: Sequence[str] | None = None, ci: str = "t",
         "folds": sorted({r["fold"] for r in result["runs"]}),
     }
     index = _index(result, metrics)
+    baselines = config.get("baselines") or {}
     for method in methods:
         runs = [r for r in result["runs"] if r["method"] == method]
+        against = baselines.get(method, baseline)
         entry: dict[str, Any] = {"runs": len(runs), "max_step": sorted({r["max_step"] for r in runs}),
                                  "tested_best": sum(r["tested"] == "best" for r in runs),
                                  "fit_seconds": round(sum(r["fit_seconds"] for r in runs), 1),
                                  "sec_per_epoch": _median([r.get("sec_per_epoch") for r in runs]),
                                  "best_epochs": [r.get("best_epoch") for r in runs],
+                                 "baseline": against if against != method else None,
                                  "k": {}}
         for k in ks:
             cell: dict[str, Any] = {}
@@ -738,8 +750,8 @@ def summarise(result: dict, metrics: Sequence[str] | None = None, ci: str = "t",
                                              n_resamples, seed),
                      "step0": _stats.mean_ci(list(_by_user(step0).values()), level, ci,
                                              n_resamples, seed)}
-                if method != baseline:
-                    base = index.get((baseline, k, "final", metric), {})
+                if method != against:
+                    base = index.get((against, k, "final", metric), {})
                     xs, ys = _paired(final, base)
                     m["vs_baseline"] = _stats.paired_difference(xs, ys, level, n_resamples, seed)
                 cell[metric] = m
@@ -815,10 +827,11 @@ def markdown(result: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(
                 _ci_cell(entry["k"].get(k, {}).get(metric, {}).get("final")) for k in ks) + " |")
         for name in order:
-            if name == baseline or baseline not in summary["methods"]:
-                continue
             entry = summary["methods"][name]
-            lines.append(f"| {name} − {baseline} | " + " | ".join(
+            against = entry.get("baseline", baseline if name != baseline else None)
+            if against is None or against not in summary["methods"]:
+                continue
+            lines.append(f"| {name} − {against} | " + " | ".join(
                 _diff_cell(entry["k"].get(k, {}).get(metric, {}).get("vs_baseline"))
                 for k in ks) + " |")
         for name in order:
@@ -925,6 +938,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.baseline:
             result["config"]["baseline"] = args.baseline
+        if args.study:  # the study file's baselines (they only change the summary)
+            study = load_study(args.study)
+            result["config"]["baseline"] = args.baseline or study.get("baseline") \
+                or result["config"]["baseline"]
+            result["config"]["baselines"] = method_baselines(study["methods"])
         if args.merge:
             methods = result["config"]["methods"]
             wanted = {(name, f, s) for s in result["config"]["seeds"]

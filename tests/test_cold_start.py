@@ -340,3 +340,19 @@ def test_end_to_end_quickstart_two_folds(tmp_path):
     assert diff["n"] == eligible and diff["mean"] is not None and diff["p"] is not None
     assert saved["summary"]["chance"]["mae"]["n"] == eligible
     assert "| maml − frozen |" in cold_start.markdown(result)
+
+
+def test_a_method_can_name_its_own_baseline(tmp_path):
+    """melu-maml against melu-pretrain while the study's baseline is mf-pretrain: each
+    difference row pairs a method with its own baseline."""
+    methods = [*METHODS[:2], cold_start.Method("bad", "recipes/quickstart.yaml",
+                                               ["--model.policy", "frozen"], baseline="good")]
+    result = study(tmp_path, FakeRunner(), methods=methods)
+    assert result["config"]["baselines"] == {"bad": "good"}
+    summary = result["summary"]["methods"]
+    assert summary["good"]["baseline"] == "base" and summary["bad"]["baseline"] == "good"
+    diff = summary["bad"]["k"]["all"]["mae"]["vs_baseline"]
+    assert diff["mean"] == pytest.approx(+0.1, abs=0.02)  # bad - good, not bad - base
+    table = cold_start.markdown(result)
+    assert "| bad − good |" in table and "| good − base |" in table
+    assert "| bad − base |" not in table
