@@ -15,6 +15,7 @@ from metarec.checkpoint import (
 )
 from metarec.data import (
     ENCODED,
+    ConfigError,
     DataError,
     EpisodeBatch,
     EpisodeCollator,
@@ -57,7 +58,7 @@ from metarec.tracking import log_curve, log_table
 __version__ = "0.1.0"
 
 __all__ = [
-    "ENCODED", "SGD", "AdaptationPolicy", "Adam", "Adapter", "Recommendations", "UserSession", "Backbone", "DataError", "DataSchema", "Dataset",
+    "ENCODED", "ConfigError", "SGD", "AdaptationPolicy", "Adam", "Adapter", "Recommendations", "UserSession", "Backbone", "DataError", "DataSchema", "Dataset",
     "EpisodeBatch", "EpisodeCollator", "Feature", "FeatureBatch", "FeatureSpec",
     "FunctionalModel", "InnerOptimizer", "InteractionTable", "MetaAlgorithm", "MetricsConfig",
     "Objective", "Params", "PluginError", "TaskConfig", "available", "build", "build_tasks",

@@ -44,6 +44,11 @@ class MetaAlgorithm(nn.Module):
     def bind(self, model: FunctionalModel) -> None:
         """Called once the backbone and its fast parameters are known (create meta-params here)."""
 
+    def on_train_epoch_start(self, epoch: int, max_epochs: int | None) -> None:
+        """Called by the Lightning module before each meta-training epoch (``epoch`` counts
+        from 0, restored on resume), for schedules over epochs such as MAML++'s annealed
+        multi-step loss weights. Default: nothing."""
+
     def select_fast(self, backbone: nn.Module) -> list[str]:
         """Patterns of the parameters this algorithm adapts per task."""
         return self.fast_parameters or backbone.default_fast_parameters()

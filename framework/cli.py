@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -382,7 +383,18 @@ def main(argv: list[str] | None = None) -> None:
 
         simulate_command(args[1:])
         return
-    MetarecCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+    # Bad input (a data file, a setting, a plugin) is one line on stderr and exit status 2;
+    # METAREC_TRACEBACK=1 shows the traceback too.
+    from metarec.data.errors import ConfigError, DataError
+
+    try:
+        MetarecCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+    except (DataError, ConfigError, registry.PluginError) as err:
+        if os.environ.get("METAREC_TRACEBACK"):
+            raise
+        command = args[0] if args and not args[0].startswith("-") else "fit"
+        print(f"metarec {command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

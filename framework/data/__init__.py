@@ -9,13 +9,13 @@ from metarec.data.episodes import (
     inputs,
     support_label,
 )
-from metarec.data.errors import DataError
+from metarec.data.errors import ConfigError, DataError
 from metarec.data.readers import numeric_column, read_frame, require_columns
 from metarec.data.table import Feature, InteractionTable, encode_ids
 from metarec.data.tasks import TaskConfig, TaskSet, TaskSplits, build_tasks
 
 __all__ = [
-    "ENCODED", "DataError", "EpisodeBatch", "EpisodeCollator", "Feature", "FeatureBatch",
+    "ENCODED", "ConfigError", "DataError", "EpisodeBatch", "EpisodeCollator", "Feature", "FeatureBatch",
     "InteractionTable", "SupportSweepCollator", "TaskConfig", "TaskSet", "TaskSplits", "build_tasks", "encode_ids",
     "inputs", "numeric_column", "read_frame", "require_columns", "support_label",
 ]

@@ -16,3 +16,9 @@ class DataError(ValueError):
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.source, self.line, self.field = source, line, field
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work (e.g. ``model.init_from`` naming a checkpoint whose backbone
+    does not fit): the message names the key and what is wrong. The CLI reports it, like a
+    :class:`DataError`, in one line with exit status 2."""
