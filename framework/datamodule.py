@@ -14,7 +14,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
 from metarec import registry
-from metarec.data.episodes import EpisodeCollator, SupportSweepCollator
+from metarec.data.episodes import EpisodeCollator, EpisodicCollator, SupportSweepCollator
 from metarec.data.table import InteractionTable
 from metarec.data.tasks import TaskConfig, TaskSplits, build_tasks
 from metarec.ranges import PositiveInt
@@ -75,10 +75,12 @@ class _EpochSampler(DistributedSampler):
     different tail sit out each epoch when the order is fixed. ``start`` skips that many of
     this rank's indices in the next pass only (set when resuming mid-epoch)."""
 
-    def __init__(self, n: int, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+    def __init__(self, n: int, num_replicas: int, rank: int, shuffle: bool, seed: int,
+                 with_epoch: bool = False) -> None:
         super().__init__(_TaskIndices(n), num_replicas=num_replicas, rank=rank,
                          shuffle=shuffle, seed=seed, drop_last=True)
         self.start = 0
+        self.with_epoch = with_epoch  # yield (task, epoch) keys, for per-epoch episode draws
 
     def __iter__(self) -> Iterator[int]:
         n = len(self.dataset)
@@ -90,6 +92,8 @@ class _EpochSampler(DistributedSampler):
             order = torch.arange(n).roll(-(self.epoch * (n % self.num_replicas)) % max(n, 1))
         shard = order[:self.total_size][self.rank:self.total_size:self.num_replicas].tolist()
         start, self.start = self.start, 0
+        if self.with_epoch:
+            return iter([(i, self.epoch) for i in shard[start:]])
         return iter(shard[start:])
 
 
@@ -188,6 +192,13 @@ class EpisodeDataModule(pl.LightningDataModule):
             a fixed random order, so caps are nested; ``null`` = all of them), on the same
             users and the same query items. Metrics are then keyed ``{split}/k{K}/...``
             (``kall`` for null). Meta-training episodes are unaffected. Off by default.
+        train_support: ``[k_min, k_max]``: episodic meta-training: every episode draws a fresh
+            support set of ``k ~ U{k_min..k_max}`` interactions from the task's non-query pool,
+            a new draw each epoch, a pure function of ``seed``, the epoch and the task (so a
+            resumed run draws the same). Off: each task's whole support, every epoch.
+        resample_query: also redraw each episode's query (``tasks.query_size`` interactions
+            from the task's whole pool, the support from the rest). Evaluation tasks keep
+            their fixed queries either way.
     """
 
     def __init__(self, dataset: str = "synthetic", dataset_args: dict[str, Any] | None = None,
@@ -195,7 +206,9 @@ class EpisodeDataModule(pl.LightningDataModule):
                  eval_batch_size: int = 256, num_workers: int = 0, seed: int = 0,
                  shuffle: bool = True, history_length: int | None = None,
                  folds: int | None = None, fold: int = 0,
-                 eval_support: list[PositiveInt | None] | None = None) -> None:
+                 eval_support: list[PositiveInt | None] | None = None,
+                 train_support: tuple[PositiveInt, PositiveInt] | None = None,
+                 resample_query: bool = False) -> None:
         super().__init__()
         # Stored in checkpoints (``datamodule_hyper_parameters``); the loggers get the recipe.
         self.save_hyperparameters(logger=False)
@@ -211,6 +224,13 @@ class EpisodeDataModule(pl.LightningDataModule):
             if not eval_support or bad or len(set(eval_support)) != len(eval_support):
                 raise ValueError("data.eval_support must be a non-empty list of distinct caps "
                                  f"(ints >= 1, or null for all support), got {eval_support}")
+        if train_support is not None:
+            lo, hi = (int(k) for k in train_support)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"data.train_support must be [k_min, k_max] with 1 <= k_min <= "
+                                 f"k_max, got {list(train_support)}")
+            train_support = (lo, hi)
+        self.train_support, self.resample_query = train_support, bool(resample_query)
         self.folds, self.fold = folds, fold
         self.eval_support = None if eval_support is None else [
             None if k is None else int(k) for k in eval_support]
@@ -258,9 +278,14 @@ class EpisodeDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         tasks = self.splits[split]
+        episodic = split == "train" and (self.train_support is not None or self.resample_query)
         if split != "train" and self.eval_support is not None:
             collate = SupportSweepCollator(tasks, self.table, self.eval_support,
                                            self.history_length)
+        elif episodic:
+            collate = EpisodicCollator(tasks, self.table, self.train_support,
+                                       self.resample_query, self.order_seed(),
+                                       self.history_length)
         else:
             collate = EpisodeCollator(tasks, self.table, self.history_length)
         # Loaders own their generator: creating an iterator draws its workers' base seed, which
@@ -288,7 +313,8 @@ class EpisodeDataModule(pl.LightningDataModule):
         if len(tasks) < world:
             raise ValueError(f"data: {len(tasks)} meta-training task(s) cannot be shared by {world} "
                              "ranks (each rank needs at least one); use more users or fewer ranks")
-        sampler = _EpochSampler(len(tasks), world, rank, self.shuffle, self.order_seed())
+        sampler = _EpochSampler(len(tasks), world, rank, self.shuffle, self.order_seed(),
+                                with_epoch=episodic)
         return ResumableLoader(_TaskIndices(len(tasks)), sampler=sampler,
                                batch_size=self.batch_size, **common)
 

@@ -28,6 +28,8 @@ BASE = ["--config", str(REPO / "recipes" / "quickstart.yaml"), "--trainer.max_ep
         "--model.backbone_args", "{dim: 8, layers: 1, heads: 2, dropout: 0.3, scorer_hidden: [16]}",
         "--model.algorithm_args", "{inner_steps: 1, inner_lr: 0.05}",
         "--data.history_length", "5", "--data.batch_size", "16",
+        # episodic support draws (a fresh support subset per task and epoch) resume exactly too
+        "--data.train_support", "[3, 12]",
         "--data.dataset_args", "{num_users: 120, num_items: 60, seed: 0}",
         "--trainer.callbacks+", "helpers.interrupt.RecordBatches"]
 SMALL = {"num_users": 60, "num_items": 80, "seed": 0}
@@ -67,7 +69,7 @@ def runs(tmp_path_factory):
     # ModelCheckpoint, an end-of-epoch-0 one (after validation; Lightning then does not call
     # the loader's load_state_dict, only the datamodule's).
     mid = root / "interrupted" / "runs" / "interrupted" / "on_exception.ckpt"
-    (end,) = (root / "interrupted").rglob("epoch=0-step=6.ckpt")
+    (end,) = (root / "interrupted").rglob("best-0-6.ckpt")  # the recipe keeps the best epoch
     assert torch.load(mid, weights_only=True)["global_step"] == INTERRUPT
     return root, full, _params(full), _recorded(full), {"mid-epoch": (mid, INTERRUPT),
                                                         "end-of-epoch": (end, 6)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from metarec.data.table import InteractionTable
@@ -154,3 +155,90 @@ class SupportSweepCollator:
 
     def __call__(self, indices: list[int] | torch.Tensor) -> dict[str, EpisodeBatch]:
         return {label: collate(indices) for label, collate in self.collators.items()}
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): a counter-based hash."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def episode_uniforms(seed: int, epoch: torch.Tensor, task: torch.Tensor, width: int,
+                     stream: int) -> torch.Tensor:
+    """``(B, width)`` uniforms in [0, 1), a pure function of (seed, epoch, task, slot, stream):
+    the same whatever the batch a task lands in, the rank that draws it, or a resume."""
+    with np.errstate(over="ignore"):
+        x = _splitmix(np.full(len(task), seed, dtype=np.uint64) ^ np.uint64(stream << 32))
+        x = _splitmix(x ^ epoch.numpy().astype(np.uint64))
+        x = _splitmix(x ^ task.numpy().astype(np.uint64))
+        z = _splitmix(x[:, None] ^ np.arange(width, dtype=np.uint64)[None, :])
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
+
+
+class EpisodicCollator(EpisodeCollator):
+    """Meta-training episodes with a fresh support set per (task, epoch) (``data.train_support``).
+
+    Called with ``(task, epoch)`` keys. Each episode draws ``k ~ U{k_min..k_max}`` (at most the
+    task's pool) and a random subset of size ``k`` of the task's non-query interactions; with
+    ``resample_query`` the query is redrawn too, ``query_size`` interactions from the task's whole
+    pool (support and query together), the support then coming from the rest. Draws are a pure
+    function of (``seed``, epoch, task) (:func:`episode_uniforms`), vectorised over the batch:
+    a new draw each epoch, the same one for the same seed and epoch, on any rank and after a
+    resume. Nothing is thrown away: every interaction can be drawn in some epoch. With implicit
+    feedback, ``k`` counts support entries, sampled negatives included.
+    """
+
+    def __init__(self, tasks: TaskSet, table: InteractionTable,
+                 support_range: tuple[int, int] | None, resample_query: bool, seed: int,
+                 history_length: int | None = None) -> None:
+        super().__init__(tasks, table, history_length)
+        self.support_range, self.resample_query, self.seed = support_range, resample_query, seed
+        self.query_size = int(tasks.query_mask.sum(1).max()) if len(tasks) else 0
+
+    def __call__(self, keys: list[tuple[int, int]] | torch.Tensor) -> EpisodeBatch:  # type: ignore[override]
+        keys = torch.as_tensor(keys, dtype=torch.long).reshape(-1, 2)
+        idx, epoch = keys[:, 0], keys[:, 1]
+        t = self.tasks
+        support = [t.support_items[idx], t.support_labels[idx], t.support_times[idx],
+                   t.support_mask[idx]]
+        query = [t.query_items[idx], t.query_labels[idx], t.query_times[idx], t.query_mask[idx]]
+        if self.resample_query:
+            pool = [torch.cat([s, q], 1) for s, q in zip(support, query)]
+            key = episode_uniforms(self.seed, epoch, idx, pool[0].shape[1], stream=1)
+            rank = _ranks(key.masked_fill(~pool[3], 2.0))
+            query = _keep(pool, rank < self.query_size)
+            support = _keep(pool, (rank >= self.query_size) & pool[3])
+        if self.support_range is not None:
+            lo, hi = self.support_range
+            k = lo + (episode_uniforms(self.seed, epoch, idx, 1, stream=2)[:, 0]
+                      * (hi - lo + 1)).long()
+            key = episode_uniforms(self.seed, epoch, idx, support[0].shape[1], stream=3)
+            rank = _ranks(key.masked_fill(~support[3], 2.0))
+            support = _keep(support, rank < k[:, None])
+        users = t.users[idx]
+        support_side = self._side(users, *support)
+        query_side = self._side(users, *query)
+        if self.history_length is not None:
+            for side in (support_side, query_side):
+                side.update(self._history(*support, side["time"], side["mask"]))
+        return EpisodeBatch(users=users, support=support_side, query=query_side)
+
+
+def _ranks(key: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry within its row by ``key`` (0 = smallest)."""
+    return torch.argsort(torch.argsort(key, dim=1), dim=1)
+
+
+def _keep(columns: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
+    """``[items, labels, times, mask]`` reduced to the ``keep`` entries of each row, oldest
+    first (stable on ties), padding trimmed to the widest row."""
+    items, labels, times, mask = columns
+    keep = keep & mask
+    order = torch.argsort(torch.where(keep, times, torch.iinfo(torch.int64).max), dim=1,
+                          stable=True)
+    width = max(int(keep.sum(1).max()) if len(keep) else 0, 1)
+    index = order[:, :width]
+    return [items.gather(1, index), labels.gather(1, index), times.gather(1, index),
+            keep.gather(1, index)]

@@ -15,10 +15,13 @@ class InterruptAt(pl.Callback):
 
 
 class RecordBatches(pl.Callback):
-    """Records, for every training step, the epoch, the batch index and the batch's users."""
+    """Records, for every training step, the epoch, the batch index, the batch's users and its
+    support items (which episodic sampling draws afresh each epoch)."""
 
     def __init__(self) -> None:
         self.batches: list[tuple[int, int, list[int]]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.batches.append((trainer.current_epoch, batch_idx, batch.users.tolist()))
+        support = batch.support["item_id"].masked_fill(~batch.support["mask"], -1)
+        self.batches.append((trainer.current_epoch, batch_idx, batch.users.tolist(),
+                             support.tolist()))
