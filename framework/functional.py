@@ -41,19 +41,53 @@ class InnerOptimizer:
         raise NotImplementedError
 
 
+def clip_grad_norm(grads: Params, max_norm: float, eps: float = 1e-12) -> Params:
+    """``grads`` rescaled so that their global L2 norm (over every tensor of the dict) is at
+    most ``max_norm``; unchanged when it already is.
+
+    A pure function of one task's gradients: under ``vmap`` the norm is each task's own. It is
+    differentiable (second-order meta-gradients flow through the rescaling); the squared norm
+    is floored at ``eps**2`` so that an all-zero gradient has a finite derivative.
+    """
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    squares = [g.pow(2).sum() for g in grads.values()]
+    if not squares:
+        return grads
+    norm = torch.stack(squares).sum().clamp_min(eps * eps).sqrt()
+    scale = (max_norm / norm).clamp(max=1.0)
+    return {k: g * scale for k, g in grads.items()}
+
+
 class SGD(InnerOptimizer):
-    """``theta - lr * grad``.
+    """``theta - lr * grad``, optionally on gradients clipped by their global norm.
 
     ``lr`` is a float; a 1-D tensor of per-step rates (step ``i`` uses ``lr[min(i, len-1)]``,
-    MAML++'s learned per-step rates); or a dict of per-element rate tensors shaped like the
-    fast parameters (Meta-SGD).
+    MAML++'s learned per-step rates); a dict of rate tensors that broadcast against the fast
+    parameters (per-element rates shaped like them: Meta-SGD; or scalar per-tensor rates); or a
+    list/tuple of per-step rates, each any of the above (step ``i`` uses
+    ``lr[min(i, len-1)]``: MAML++'s per-layer per-step rates as a list of dicts of scalars).
+
+    ``max_grad_norm`` (None: off) rescales each step's gradients so that their global L2 norm
+    over all fast parameters of the task is at most ``max_grad_norm``
+    (:func:`clip_grad_norm`), which bounds the step's update by ``max|lr| * max_grad_norm``.
     """
 
-    def __init__(self, lr: float | torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, lr: float | torch.Tensor | Mapping[str, torch.Tensor] | Sequence[Any],
+                 max_grad_norm: float | None = None) -> None:
+        if isinstance(lr, (list, tuple)) and not lr:
+            raise ValueError("SGD needs at least one per-step rate, got an empty sequence")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.lr = lr
+        self.max_grad_norm = max_grad_norm
 
     def step(self, fast: Params, grads: Params, state: Any, step: int) -> tuple[Params, Any]:
+        if self.max_grad_norm is not None:
+            grads = clip_grad_norm(grads, self.max_grad_norm)
         lr = self.lr
+        if isinstance(lr, (list, tuple)):
+            lr = lr[min(step, len(lr) - 1)]
         if isinstance(lr, Mapping):
             return {k: fast[k] - lr[k] * grads[k] for k in fast}, state
         if isinstance(lr, torch.Tensor) and lr.ndim == 1:
