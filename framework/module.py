@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from metarec.data.tasks import TaskSplits
 from metarec.functional import FunctionalModel, Params, select_parameters
 from metarec.metrics import AdaptationMetrics, DivergenceGuard, MetricsConfig, per_task_metrics
 from metarec.optim import clip_gradients
+from metarec.policy import AdaptationPolicy
 from metarec.schema import DataSchema
 from metarec.tracking import log_curve, log_table
 
@@ -338,6 +339,43 @@ class MetaLearner(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._user_parts: list[tuple[Any, ...]] = []
+
+    def on_test_start(self) -> None:
+        self._calibrate_policy()
+
+    def on_predict_start(self) -> None:
+        self._calibrate_policy()
+
+    def _calibrate_policy(self) -> None:
+        """Let the policy choose its settings on the validation users (never the test users):
+        :meth:`metarec.AdaptationPolicy.calibrate`. The choice is printed and logged as the
+        ``{stage}/policy_calibration`` table."""
+        if type(self.policy).calibrate is AdaptationPolicy.calibrate or self._trainer is None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        fast, slow = self.functional.split()
+        fast = {k: v.detach() for k, v in fast.items()}
+        slow = {k: v.detach() for k, v in slow.items()}
+        transfer = lambda b: self.trainer.strategy.batch_to_device(b, self.device)  # noqa: E731
+
+        def batches() -> Iterator[EpisodeBatch]:
+            for batch in datamodule.val_dataloader():
+                for tasks in (batch.values() if isinstance(batch, dict) else [batch]):
+                    yield transfer(tasks)
+
+        with torch.enable_grad():
+            choice = self.policy.calibrate(self.functional, fast, slow, batches())
+        if choice and self.trainer.is_global_zero:
+            rows = [[str(k), *v.values()] for k, v in choice.items()]
+            columns = ["support", *next(iter(choice.values())).keys()]
+            print(f"metarec: {type(self.policy).__name__} chose on the validation users: "
+                  + "; ".join(f"support {r[0]}: " + ", ".join(
+                      f"{c}={v:.4g}" if isinstance(v, float) else f"{c}={v}"
+                      for c, v in zip(columns[1:], r[1:])) for r in rows), flush=True)
+            log_table(self.trainer, f"{self.trainer.state.stage.value}/policy_calibration",
+                      columns, rows)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 
 from metarec.algorithm import MetaAlgorithm
-from metarec.data.episodes import FeatureBatch
+from metarec.data.episodes import EpisodeBatch, FeatureBatch
 from metarec.functional import FunctionalModel, Params
 
 
@@ -26,6 +29,18 @@ class AdaptationPolicy:
     def adapt(self, model: FunctionalModel, fast: Params, slow: Params,
               support: FeatureBatch) -> list[Params]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def calibrate(self, model: FunctionalModel, fast: Params, slow: Params,
+                  batches: Iterable[EpisodeBatch]) -> dict[str, Any] | None:
+        """Choose settings on *validation* tasks before a test (or predict) run.
+
+        The Lightning module calls it at the start of ``test``/``predict`` with the
+        validation users' batches only (one :class:`EpisodeBatch` per validation batch and
+        support cap when ``data.eval_support`` is set); never with a test user. Return a plain
+        description of what was chosen (logged and printed), or None. Default: nothing to
+        choose (returns None).
+        """
+        return None
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """Per-task values describing the most recent :meth:`adapt` call, each shaped ``(B,)``.
