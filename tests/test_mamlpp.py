@@ -446,3 +446,12 @@ def test_mamlpp_options_through_the_cli_follow_the_epochs(in_tmp):
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert algo.epoch == 1 and not algo.first_order_now() and algo.step_loss_weights() is None
     assert all(not torch.equal(before[k], v.detach()) for k, v in algo.layer_lrs.items())
+    # The learned rates are checkpointed and an adapter rebuilt from it adapts with them.
+    from metarec import Adapter
+
+    cli.trainer.save_checkpoint(in_tmp / "mamlpp.ckpt")
+    adapter = Adapter.from_checkpoint(in_tmp / "mamlpp.ckpt")
+    loaded = adapter.model.algorithm
+    assert loaded.per_layer_lr and loaded.lr_bound == "softplus" and loaded.inner_grad_clip == 10
+    for name, rate in algo.layer_rates().items():
+        assert torch.equal(loaded.layer_rates()[name], rate.detach())
