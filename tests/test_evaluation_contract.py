@@ -80,6 +80,16 @@ def test_the_recipe_alone_tests_the_checkpoints_split(fitted, capsys):
     assert {type(r["user"]) for r in rows} == {str}
 
 
+def test_the_checkpoint_alone_is_enough(fitted):
+    """`metarec test --ckpt_path CKPT` with no recipe: model, data and split from the checkpoint
+    (the getting-started command)."""
+    _, ckpt, fit_dm = fitted
+    cli = MetarecCLI(args=["test", "--ckpt_path", str(ckpt), *QUIET])
+    assert cli.datamodule.seed == 1 and cli.model.hparams.backbone == "mf"
+    assert torch.equal(cli.datamodule.splits["test"].users, fit_dm.splits["test"].users)
+    assert "test/mae" in cli.trainer.callback_metrics
+
+
 def test_forcing_another_split_is_an_overlap_error(fitted, capsys):
     recipe, ckpt, _ = fitted
     with pytest.raises(SystemExit) as stop:
