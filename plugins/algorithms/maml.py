@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +91,7 @@ class MAML(MetaAlgorithm):
     """
 
     #: Subclasses that always learn rates (Meta-SGD) set this, so ``lr_bound`` is accepted.
-    learns_rates: bool = False
+    learns_rates: ClassVar[bool] = False
 
     def __init__(self, inner_steps: NonNegativeInt = 5, inner_lr: PositiveFloat = 0.01,
                  first_order: bool = False,
@@ -178,7 +178,7 @@ class MAML(MetaAlgorithm):
             raise RuntimeError(f"{type(self).__name__}.layer_rates used before bind(model)")
         return {name: self.bounded(self.layer_lrs[key]) for name, key in self._layer_keys.items()}
 
-    def inner_rates(self):
+    def inner_rates(self) -> float | torch.Tensor | list[dict[str, torch.Tensor]]:
         """What :class:`metarec.SGD` steps with: ``inner_lr``, the per-step rates, or a list of
         per-step dicts of per-layer rates; read fresh at every call."""
         if self.per_layer_lr:
