@@ -83,9 +83,21 @@ def test_sweep_collator_builds_histories_from_the_capped_support_only():
 
 
 @pytest.mark.parametrize("relevance", ["threshold", "graded", "recbole"])
-def test_per_user_metrics_average_to_the_pooled_ones(relevance):
-    """Mean over users of the per-user ranking metrics == the torchmetrics values; per-user
+def test_per_user_metrics_average_to_torchmetrics_retrieval_metrics(relevance):
+    """The mean over users of the per-user ranking metrics (what AdaptationMetrics logs) equals
+    torchmetrics' retrieval metrics on the same ranking (the independent reference); per-user
     MAE/RMSE are each user's own, averaged (MeLU's definition)."""
+    from torchmetrics.retrieval import (
+        RetrievalHitRate,
+        RetrievalMRR,
+        RetrievalNormalizedDCG,
+        RetrievalPrecision,
+        RetrievalRecall,
+    )
+
+    from metarec.metrics import relevance as relevance_of
+    from metarec.metrics import tie_broken_ranks
+
     _, batch = synthetic_batch(n_tasks=12, dtype=torch.float32)
     query = batch.query
     scores = torch.randn(query["label"].shape, generator=torch.Generator().manual_seed(0)) * 2 + 3
@@ -94,10 +106,19 @@ def test_per_user_metrics_average_to_the_pooled_ones(relevance):
     metrics = AdaptationMetrics(0, "explicit", config, (1.0, 5.0))
     metrics.update(0, scores, query, batch.users, per["loss"], per["loss"], per)
     pooled = metrics.compute("t")
-    for name in ("ndcg@3", "ndcg@5", "precision@5", "recall@3", "hitrate@5", "mrr@5", "mrr@3"):
-        values = per[name][~per[name].isnan()]
-        assert float(values.mean()) == pytest.approx(float(pooled[f"t/{name}"]), abs=1e-6), name
     mask = query["mask"]
+    rel, gain = relevance_of(query["label"], mask, config, "explicit", (1.0, 5.0))
+    ranks = tie_broken_ranks(scores, query["user_id"], query["item_id"], mask)
+    order = (mask.shape[1] - ranks).float()[mask]  # distinct positive scores in rank order
+    index = batch.users[:, None].expand_as(mask)[mask]
+    reference = {"ndcg": RetrievalNormalizedDCG, "precision": RetrievalPrecision,
+                 "recall": RetrievalRecall, "hitrate": RetrievalHitRate, "mrr": RetrievalMRR}
+    for k in (3, 5):
+        for name, cls in reference.items():
+            metric = cls(top_k=k, empty_target_action="skip")
+            target = gain[mask] if name == "ndcg" else rel[mask]
+            expected = float(metric(order, target, indexes=index))
+            assert float(pooled[f"t/{name}@{k}"]) == pytest.approx(expected, abs=1e-6), name
     for t in range(len(batch)):
         err = (scores[t] - query["label"][t])[mask[t]]
         assert float(per["mae"][t]) == pytest.approx(float(err.abs().mean()), rel=1e-6)
