@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,9 +10,8 @@ import lightning.pytorch as pl
 import torch
 
 from metarec import contract, registry
+from metarec.checkpoint import init_checkpoint, load_backbone_weights
 from metarec.data.episodes import EpisodeBatch, FeatureBatch
-from metarec.data.errors import ConfigError
-from metarec.data.tasks import TaskSplits
 from metarec.functional import FunctionalModel, Params, select_parameters
 from metarec.metrics import AdaptationMetrics, DivergenceGuard, MetricsConfig, per_task_metrics
 from metarec.optim import clip_gradients
@@ -26,69 +21,6 @@ from metarec.tracking import log_curve, log_table
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
-
-
-def load_backbone_weights(backbone: torch.nn.Module, path: str | Path,
-                          splits: TaskSplits | None = None,
-                          user_keys: Sequence[Any] | None = None) -> None:
-    """Load the backbone weights of checkpoint ``path`` into ``backbone`` (``model.init_from``):
-    every parameter and buffer, same names and shapes, else a :class:`ConfigError` naming them.
-
-    With ``splits`` (this run's), also refuse a checkpoint that meta-trained on users this run
-    validates or tests on (its data contract, :mod:`metarec.contract`): starting from it would
-    leak their ratings into the start."""
-    from metarec.checkpoint import load_checkpoint
-
-    try:
-        ckpt = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"model.init_from: {err}") from None
-    record = ckpt.get("metarec_split")
-    if splits is not None and record is not None:
-        saved_keys = (ckpt.get("metarec_data") or {}).get("user_keys")
-        for split in ("val", "test"):
-            n = contract.overlap(record, saved_keys, splits, user_keys, split)
-            if n:
-                raise ConfigError(f"model.init_from {path}: it was fit on {n} of this run's "
-                                  f"{split} users (another data.seed, fold or data set); start "
-                                  "from a checkpoint fit on this run's split")
-    prefix = "backbone."
-    saved = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    own = backbone.state_dict()
-    missing = sorted(set(own) - set(saved))
-    extra = sorted(set(saved) - set(own))
-    shapes = [f"{k}: {tuple(saved[k].shape)} there, {tuple(v.shape)} here"
-              for k, v in own.items() if k in saved and saved[k].shape != v.shape]
-    if missing or extra or shapes:
-        parts = ([f"missing {missing}"] if missing else []) + \
-            ([f"not in this backbone {extra}"] if extra else []) + shapes
-        raise ConfigError(f"model.init_from {path}: its backbone does not fit this one: "
-                          + "; ".join(parts))
-    backbone.load_state_dict(saved)
-
-
-def init_checkpoint(init_from: str, datamodule: Any, root: str | Path) -> Path:
-    """The checkpoint ``model.init_from`` names: the file itself, or, for a recipe
-    (``.yaml``), that recipe fit first on this run's data settings (same data set, tasks, seed,
-    folds and fold, so the same users) and cached under ``{root}/init/`` by recipe and data."""
-    from metarec.checkpoint import train_recipe
-
-    if not init_from.endswith((".yaml", ".yml")):
-        return Path(init_from)
-    if not Path(init_from).is_file():
-        raise ConfigError(f"model.init_from: recipe not found: {init_from}")
-    data = {k: v for k, v in dict(datamodule.hparams).items() if k in contract.CONTRACT_KEYS}
-    data = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in data.items()}
-    seed = os.environ.get("PL_GLOBAL_SEED", "0")
-    text = json.dumps([Path(init_from).read_text(), data, seed], sort_keys=True, default=str)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    path = Path(root) / "init" / f"{Path(init_from).stem}-{digest}.ckpt"
-    if not path.is_file():
-        overrides = ["--seed_everything", seed]
-        for key, value in data.items():
-            overrides += [f"--data.{key}", value if isinstance(value, str) else json.dumps(value)]
-        train_recipe(init_from, path, overrides)
-    return path
 
 
 def guard_iterates(model: FunctionalModel, iterates: list[Params], slow: Params,
