@@ -868,8 +868,10 @@ def _footer(result: dict, summary: dict) -> list[str]:
     training = []
     for name, e in methods.items():
         best = [b for b in e.get("best_epochs", []) if b is not None]
+        fit = e.get("fit_seconds")
         training.append(f"{name} {e['runs']} runs, {_num(e['sec_per_epoch'], digits=2)} s/epoch, "
-                        f"best epoch (0-based) median "
+                        + (f"{fit / max(e['runs'], 1):.0f} s/fit, " if fit is not None else "")
+                        + "best epoch (0-based) median "
                         f"{statistics.median(best) if best else '–'}"
                         + (f", final weights in {e['runs'] - e['tested_best']} runs"
                            if e["tested_best"] < e["runs"] else ""))
@@ -955,7 +957,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.merge:  # the footer names the invocations that ran the runs, then the merge
             commands = [json.loads(Path(p).read_text()).get("command") for p in args.merge]
             result["command"] = "; ".join([*dict.fromkeys(c for c in commands if c), command])
-            write_atomic(json_path, result)
+        write_atomic(json_path, result)  # the summary the tables render from, recomputed
         table = markdown(result)
         print(table)
         if args.markdown:
