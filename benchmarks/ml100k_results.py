@@ -46,13 +46,11 @@ class EpochTimer(pl.Callback):
 
 
 def _test(cli, relevance: str) -> dict[str, float]:
-    from metarec.metrics import AdaptationMetrics, MetricsConfig
+    from metarec.metrics import MetricsConfig
 
     model = cli.model
-    config = MetricsConfig(top_k=[5], relevance=relevance)
-    model.metrics_config = config
-    model.test_metrics = AdaptationMetrics(model.policy.max_steps, model.schema.feedback, config,
-                                           model.schema.rating_range)
+    model.metrics_config = MetricsConfig(top_k=[5], relevance=relevance)
+    model.test_metrics.clear()  # rebuilt on first use with the new relevance rule
     out = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]
     return {k: float(v) for k, v in out.items()}
 
