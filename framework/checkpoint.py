@@ -138,3 +138,34 @@ def init_checkpoint(init_from: str, datamodule: Any, root: str | Path) -> Path:
             overrides += [f"--data.{key}", value if isinstance(value, str) else json.dumps(value)]
         train_recipe(init_from, path, overrides)
     return path
+
+
+def datamodule_from_checkpoint(path: str | Path, data: dict[str, Any] | None = None, *,
+                               where: str = "metarec") -> Any:
+    """The datamodule a checkpoint was fit with (its data contract), or one from ``data``
+    (EpisodeDataModule arguments, as a recipe's ``data:``); a :class:`ValueError` if that
+    split's test users were the checkpoint's meta-training users."""
+    from metarec.data.tasks import TaskConfig
+    from metarec.datamodule import EpisodeDataModule
+
+    ckpt = load_checkpoint(path)
+    if data is None:
+        data = ckpt.get("datamodule_hyper_parameters")
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: the checkpoint carries no data settings (written before "
+                         "checkpoints carried their split): give a data: section, as the fit "
+                         "recipe's data:")
+    data = {k: v for k, v in data.items() if not k.startswith("_")}  # Lightning's _instantiator
+    if isinstance(data.get("tasks"), dict):
+        data["tasks"] = TaskConfig(**data["tasks"])
+    datamodule = EpisodeDataModule(**data)
+    record = ckpt.get("metarec_split")
+    if record is not None:
+        saved_keys = (ckpt.get("metarec_data") or {}).get("user_keys")
+        n = contract.overlap(record, saved_keys, datamodule.splits, datamodule.table.user_keys,
+                             "test")
+        if n:
+            raise ValueError(f"{where}: {n} of the {len(datamodule.splits.test)} test users of "
+                             "data: were meta-training users of the checkpoint; drop data: to "
+                             "use the checkpoint's own test users")
+    return datamodule

@@ -368,6 +368,30 @@ def print_plugins(stream: Any = None) -> None:
         console.print(table)
 
 
+def export_split_command(args: list[str]) -> None:
+    """``metarec export-split --out FILE --config RECIPE [overrides]`` (or ``--ckpt_path CKPT``
+    alone: the split that checkpoint was fit on): write the users of each split and every
+    query, in raw ids. ``--data.split_file FILE`` reads it back in any later run."""
+    from metarec.contract import write_split_file
+
+    if "--out" not in args or args.index("--out") + 1 >= len(args):
+        print("metarec export-split: error: give --out FILE (and the recipe: --config ...)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    at = args.index("--out")
+    out, rest = args[at + 1], args[:at] + args[at + 2:]
+    if rest[:1] == ["--ckpt_path"] and len(rest) == 2:  # a checkpoint's own split
+        from metarec.checkpoint import datamodule_from_checkpoint
+
+        datamodule = datamodule_from_checkpoint(rest[1])
+    else:
+        datamodule = MetarecCLI(args=rest, run=False).datamodule
+    path = write_split_file(out, datamodule.splits, datamodule.table)
+    splits = datamodule.splits
+    print(f"wrote {path}: {len(splits.train)} train, {len(splits.val)} val, "
+          f"{len(splits.test)} test users")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["plugins"]:
@@ -378,16 +402,19 @@ def main(argv: list[str] | None = None) -> None:
 
         adapt_command(args[1:])
         return
-    if args[:1] == ["simulate"]:
-        from metarec.simulate import simulate_command
-
-        simulate_command(args[1:])
-        return
     # Bad input (a data file, a setting, a plugin) is one line on stderr and exit status 2;
     # METAREC_TRACEBACK=1 shows the traceback too.
     from metarec.data.errors import ConfigError, DataError
 
     try:
+        if args[:1] == ["export-split"]:
+            export_split_command(args[1:])
+            return
+        if args[:1] == ["simulate"]:
+            from metarec.simulate import simulate_command
+
+            simulate_command(args[1:])
+            return
         MetarecCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     except (DataError, ConfigError, registry.PluginError) as err:
         if os.environ.get("METAREC_TRACEBACK"):

@@ -14,16 +14,22 @@ overlap, when the users they would evaluate were meta-training users of the chec
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Hashable, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from metarec.data.tasks import SPLITS, TaskSet, TaskSplits
+from metarec.data.errors import DataError
+from metarec.data.table import InteractionTable
+from metarec.data.tasks import SPLITS, SplitAssignment, TaskSet, TaskSplits
 
 # The datamodule arguments that define which users and queries a model was trained and is
 # evaluated on. The others (batch sizes, workers, eval_support, shuffle) may change freely.
-CONTRACT_KEYS = ("dataset", "dataset_args", "tasks", "seed", "folds", "fold", "history_length")
+CONTRACT_KEYS = ("dataset", "dataset_args", "tasks", "seed", "folds", "fold", "history_length",
+                 "split_file")
 
 
 def fingerprint(tasks: TaskSet) -> str:
@@ -62,3 +68,88 @@ def overlap(record: dict[str, Any], saved_keys: Sequence[Hashable] | None, split
 def same_split(record: dict[str, Any], splits: TaskSplits, split: str) -> bool:
     """Whether this run's ``split`` has exactly the checkpoint's tasks (users and queries)."""
     return record["fingerprint"].get(split) == fingerprint(splits[split])
+
+
+# -- split files: a split written by one run (or another library, or a paper) and read back --
+SPLIT_FORMAT = "metarec-split"
+
+
+def _raw_ids(keys: Sequence[Hashable] | None, ids: Any) -> list[Any]:
+    values = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    if keys is None:
+        return values
+    return [k.item() if hasattr(k, "item") else k for k in (keys[i] for i in values)]
+
+
+def write_split_file(path: str | Path, splits: TaskSplits, table: InteractionTable) -> Path:
+    """Write ``splits`` as a JSON split file, in raw ids: the users of each split and every
+    task's query items. :func:`read_split_file` (``data.split_file``) reads it back, so another
+    run (or library) can evaluate exactly these users on exactly these queries."""
+    out: dict[str, Any] = {"format": SPLIT_FORMAT, "version": 1, "source": table.source,
+                           "users": {}, "queries": []}
+    for name in SPLITS:
+        tasks = splits[name]
+        out["users"][name] = _raw_ids(table.user_keys, tasks.users)
+        for t, user in enumerate(tasks.users.tolist()):
+            items = tasks.query_items[t][tasks.query_mask[t]]
+            out["queries"].append([_raw_ids(table.user_keys, [user])[0],
+                                   _raw_ids(table.item_keys, items)])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out) + "\n")
+    return path
+
+
+def read_split_file(path: str | Path, table: InteractionTable) -> SplitAssignment:
+    """A split file (see :func:`write_split_file`) as contiguous ids of ``table``; a
+    :class:`DataError` naming the file and the user or item when the file and the data disagree
+    (an unknown user or item, a user in two splits, a query item the user never rated, a user
+    without a query)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("split file not found", source=str(path))
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"not JSON: {err}", source=str(path), line=err.lineno) from None
+    if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT:
+        raise DataError(f"not a metarec split file (format {SPLIT_FORMAT!r} expected)",
+                        source=str(path))
+    lookup = lambda keys, n: ({k.item() if hasattr(k, "item") else k: i  # noqa: E731
+                               for i, k in enumerate(keys)} if keys is not None else None)
+    users, items = lookup(table.user_keys, table.num_users), lookup(table.item_keys, table.num_items)
+
+    def user_id(raw: Any, field: str) -> int:
+        found = users.get(raw) if users is not None else (
+            raw if isinstance(raw, int) and 0 <= raw < table.num_users else None)
+        if found is None:
+            raise DataError(f"user {raw!r} is not in the data", source=str(path), field=field)
+        return found
+
+    split_of_user = np.full(table.num_users, -1, dtype=np.int64)
+    for index, name in enumerate(SPLITS):
+        for raw in (data.get("users") or {}).get(name, []):
+            u = user_id(raw, f"users.{name}")
+            if split_of_user[u] >= 0:
+                raise DataError(f"user {raw!r} is in two splits ({SPLITS[split_of_user[u]]} and "
+                                f"{name})", source=str(path), field=f"users.{name}")
+            split_of_user[u] = index
+    rated = set((table.users * table.num_items + table.items).tolist())
+    pairs, queried = [], set()
+    for n, entry in enumerate(data.get("queries") or []):
+        raw_user, raw_items = entry
+        u = user_id(raw_user, f"queries[{n}]")
+        for raw in raw_items:
+            i = items.get(raw) if items is not None else (
+                raw if isinstance(raw, int) and 0 <= raw < table.num_items else None)
+            if i is None or u * table.num_items + i not in rated:
+                raise DataError(f"user {raw_user!r} has no interaction with item {raw!r} in the "
+                                "data", source=str(path), field=f"queries[{n}]")
+            pairs.append((u, i))
+        queried.add(u)
+    missing = [u for u in np.flatnonzero(split_of_user >= 0).tolist() if u not in queried]
+    if missing:
+        raw = _raw_ids(table.user_keys, missing[:3])
+        raise DataError(f"{len(missing)} user(s) of the split have no query (e.g. {raw})",
+                        source=str(path), field="queries")
+    return SplitAssignment(split_of_user, np.asarray(pairs, dtype=np.int64).reshape(-1, 2))

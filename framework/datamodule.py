@@ -199,6 +199,11 @@ class EpisodeDataModule(pl.LightningDataModule):
         resample_query: also redraw each episode's query (``tasks.query_size`` interactions
             from the task's whole pool, the support from the rest). Evaluation tasks keep
             their fixed queries either way.
+        split_file: read the users of each split and every task's query items from this file
+            (written by ``metarec export-split``, or by another library in the same JSON
+            format: :func:`metarec.contract.write_split_file`), instead of drawing them; the
+            support is every other interaction. A file that disagrees with the data is an error
+            naming the user or item.
     """
 
     def __init__(self, dataset: str = "synthetic", dataset_args: dict[str, Any] | None = None,
@@ -208,7 +213,7 @@ class EpisodeDataModule(pl.LightningDataModule):
                  folds: int | None = None, fold: int = 0,
                  eval_support: list[PositiveInt | None] | None = None,
                  train_support: tuple[PositiveInt, PositiveInt] | None = None,
-                 resample_query: bool = False) -> None:
+                 resample_query: bool = False, split_file: str | None = None) -> None:
         super().__init__()
         # Stored in checkpoints (``datamodule_hyper_parameters``); the loggers get the recipe.
         self.save_hyperparameters(logger=False)
@@ -231,6 +236,7 @@ class EpisodeDataModule(pl.LightningDataModule):
                                  f"k_max, got {list(train_support)}")
             train_support = (lo, hi)
         self.train_support, self.resample_query = train_support, bool(resample_query)
+        self.split_file = split_file
         self.folds, self.fold = folds, fold
         self.eval_support = None if eval_support is None else [
             None if k is None else int(k) for k in eval_support]
@@ -254,8 +260,13 @@ class EpisodeDataModule(pl.LightningDataModule):
     @property
     def splits(self) -> TaskSplits:
         if self._splits is None:
+            assignment = None
+            if self.split_file is not None:
+                from metarec.contract import read_split_file
+
+                assignment = read_split_file(self.split_file, self.table)
             self._splits = build_tasks(self.table, self.task_config, self.seed,
-                                       folds=self.folds, fold=self.fold)
+                                       folds=self.folds, fold=self.fold, assignment=assignment)
         return self._splits
 
     @property

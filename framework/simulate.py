@@ -222,36 +222,10 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 def _datamodule(config: dict[str, Any], checkpoint: str | Path) -> Any:
-    """The test split to replay: the checkpoint's own data settings (its data contract), or
-    ``data:`` when the config gives one; an error if that split's test users were the
-    checkpoint's meta-training users."""
-    from metarec import contract
-    from metarec.checkpoint import load_checkpoint
-    from metarec.data.tasks import TaskConfig
-    from metarec.datamodule import EpisodeDataModule
+    """The test split to replay: the checkpoint's own (its data contract), or ``data:``."""
+    from metarec.checkpoint import datamodule_from_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
-    data = config.get("data")
-    if data is None:
-        data = ckpt.get("datamodule_hyper_parameters")
-    if not isinstance(data, dict):
-        raise ValueError("simulate: the checkpoint carries no data settings (written before "
-                         "checkpoints carried their split): give a data: section, as the fit "
-                         "recipe's data:")
-    data = {k: v for k, v in data.items() if not k.startswith("_")}  # Lightning's _instantiator
-    if isinstance(data.get("tasks"), dict):
-        data["tasks"] = TaskConfig(**data["tasks"])
-    datamodule = EpisodeDataModule(**data)
-    record = ckpt.get("metarec_split")
-    if record is not None:
-        saved_keys = (ckpt.get("metarec_data") or {}).get("user_keys")
-        n = contract.overlap(record, saved_keys, datamodule.splits, datamodule.table.user_keys,
-                             "test")
-        if n:
-            raise ValueError(f"simulate: {n} of the {len(datamodule.splits.test)} test users of "
-                             "data: were meta-training users of the checkpoint; drop data: to "
-                             "replay the checkpoint's own test users")
-    return datamodule
+    return datamodule_from_checkpoint(checkpoint, config.get("data"), where="simulate")
 
 
 def simulate(config: str | Path | dict[str, Any]) -> dict[str, Any]:

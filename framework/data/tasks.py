@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from metarec.data.errors import DataError
+from metarec.data.errors import ConfigError, DataError
 from metarec.data.table import InteractionTable
 from metarec.ranges import NonNegativeInt, PositiveInt
 
@@ -119,8 +119,18 @@ class TaskSplits:
         return getattr(self, split)
 
 
+@dataclass
+class SplitAssignment:
+    """A split given from outside (``data.split_file``): each user's split (``-1`` = not a
+    task; 0 train, 1 val, 2 test) and the (user, item) pairs of the queries, contiguous ids."""
+
+    split_of_user: np.ndarray
+    query_pairs: np.ndarray  # (n, 2) int64
+
+
 def build_tasks(table: InteractionTable, config: TaskConfig, seed: int = 0,
-                folds: int | None = None, fold: int = 0) -> TaskSplits:
+                folds: int | None = None, fold: int = 0,
+                assignment: SplitAssignment | None = None) -> TaskSplits:
     """Cut ``table`` into per-user tasks split 8:1:1 (by default) by user.
 
     With ``folds`` F, the eligible users are dealt (in a random order fixed by ``seed``) into F
@@ -128,9 +138,16 @@ def build_tasks(table: InteractionTable, config: TaskConfig, seed: int = 0,
     from the other folds in the proportion ``split[1] : split[0]``. Over ``fold = 0..F-1`` every
     eligible user is a test user exactly once.
 
+    With ``assignment`` (a split read from a file), its users and queries are used as they are:
+    no interaction-count filter, no random user split or query draw (``folds`` and
+    ``tasks.max_support`` cannot be combined with it); support = every other interaction.
+
     Deterministic in ``seed``: the user split, random query draw, support cap, support order and
     negative samples depend on nothing else.
     """
+    if assignment is not None and (folds is not None or config.max_support is not None):
+        raise ConfigError("data.split_file fixes the users and queries: it cannot be combined "
+                         "with data.folds or data.tasks.max_support")
     if folds is not None and not (folds >= 2 and 0 <= fold < folds):
         raise ValueError(f"data.folds must be >= 2 and data.fold in [0, folds), got folds={folds}, "
                          f"fold={fold}")
@@ -141,6 +158,8 @@ def build_tasks(table: InteractionTable, config: TaskConfig, seed: int = 0,
     counts = np.bincount(table.users, minlength=table.num_users)
     active = counts > 0
     keep = active & (counts >= config.min_interactions) & (counts <= config.max_interactions)
+    if assignment is not None:
+        keep = assignment.split_of_user >= 0
     stats = {
         "users": int(active.sum()),
         "dropped_below_min": int((active & (counts < config.min_interactions)).sum()),
@@ -168,7 +187,9 @@ def build_tasks(table: InteractionTable, config: TaskConfig, seed: int = 0,
     eligible = np.flatnonzero(keep)
     order = rng.permutation(eligible)
     split_of_user = np.full(table.num_users, -1, dtype=np.int64)
-    if folds is None:
+    if assignment is not None:
+        split_of_user = assignment.split_of_user.astype(np.int64)
+    elif folds is None:
         n_train = int(round(config.split[0] * len(order)))
         n_val = int(round(config.split[1] * len(order)))
         split_of_user[order[:n_train]] = 0
@@ -201,7 +222,11 @@ def build_tasks(table: InteractionTable, config: TaskConfig, seed: int = 0,
     ordered = np.lexsort((np.arange(len(rows)), key, users))
     rank = _rank_within_groups(users[ordered])
     role = np.empty(len(rows), dtype=np.int64)  # 0 query, 1 support, 2 dropped by the support cap
-    is_query = rank < config.query_size
+    if assignment is None:
+        is_query = rank < config.query_size
+    else:
+        query_keys = assignment.query_pairs[:, 0] * table.num_items + assignment.query_pairs[:, 1]
+        is_query = np.isin(pairs[ordered], query_keys)
     role_sorted = np.where(is_query, 0, 1)
     if config.max_support is not None:
         role_sorted[(~is_query) & (rank - config.query_size >= config.max_support)] = 2
