@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from test_evaluation_contract import QUIET, RECIPE, _write_ratings
 
 from metarec.cli import MetarecCLI, main
-from test_evaluation_contract import QUIET, RECIPE, _write_ratings
 
 
 @pytest.fixture
