@@ -50,17 +50,34 @@ checkpoint: {monitor: val/mae, mode: min}
 """
 
 
-@pytest.fixture
-def fitted(in_tmp):
-    """A recipe on a mixed-id interactions CSV, fit with --data.seed 1: (recipe, best ckpt)."""
-    _write_ratings(in_tmp / "ratings.csv", "mixed")
-    (in_tmp / "recipe.yaml").write_text(RECIPE)
-    cli = MetarecCLI(args=["fit", "--config", "recipe.yaml", "--data.seed", "1",
-                           "--trainer.limit_train_batches", "2", *QUIET])
+@pytest.fixture(scope="module")
+def fitted_once(tmp_path_factory):
+    """A recipe on a mixed-id interactions CSV, fit once with --data.seed 1:
+    (folder, recipe, best checkpoint, the fit's datamodule)."""
+    where = tmp_path_factory.mktemp("contract")
+    _write_ratings(where / "ratings.csv", "mixed")
+    (where / "recipe.yaml").write_text(RECIPE)
+    cwd = os.getcwd()
+    os.chdir(where)  # the recipe's data path is relative, as a user's would be
+    try:
+        cli = MetarecCLI(args=["fit", "--config", "recipe.yaml", "--data.seed", "1",
+                               "--trainer.limit_train_batches", "2", *QUIET])
+    finally:
+        os.chdir(cwd)
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
+    if not best.is_absolute():
+        best = where / best
     assert best.name.startswith("best-") and best.is_file()
     assert (best.parent / "last.ckpt").is_file()
-    return "recipe.yaml", best, cli.datamodule
+    return where, "recipe.yaml", best, cli.datamodule
+
+
+@pytest.fixture
+def fitted(fitted_once, monkeypatch):
+    """(recipe, best checkpoint, datamodule), run from the fit's folder."""
+    where, *rest = fitted_once
+    monkeypatch.chdir(where)
+    return tuple(rest)
 
 
 def _test(recipe, ckpt, *extra):
@@ -138,7 +155,21 @@ def test_k_shot_sweep_reports_every_cap_on_the_same_users(fitted):
     assert swept == pytest.approx(plain)
 
 
-@pytest.mark.parametrize("ids", ["str", "int"])
+def test_int_user_ids_in_the_per_user_table(in_tmp):
+    """Integer ids in the CSV come back as the file's ids (the interactions data set keeps raw
+    ids as read: strings); the mixed-id fixture covers both kinds in one file."""
+    _write_ratings(in_tmp / "ratings.csv", "int")
+    (in_tmp / "recipe.yaml").write_text(RECIPE)
+    cli = MetarecCLI(args=["fit", "--config", "recipe.yaml", "--trainer.max_epochs", "1",
+                           "--trainer.limit_train_batches", "1", *QUIET])
+    cli = _test("recipe.yaml", cli.trainer.checkpoint_callback.best_model_path)
+    users = {r["user"] for r in cli.model.user_results}
+    assert users and all(str(u).isdigit() and 1000 <= int(u) < 1150 for u in users)
+    assert users == {cli.datamodule.table.user_keys[u]
+                     for u in cli.datamodule.splits.test.users.tolist()}
+
+
+@pytest.mark.parametrize("ids", ["str"])
 def test_metarec_test_from_a_checkpoint_on_an_interactions_csv(in_tmp, ids):
     """The acceptance command in a subprocess: exits 0 and writes the per-user table."""
     _write_ratings(in_tmp / "ratings.csv", ids)
