@@ -68,7 +68,7 @@ def test_unsynchronised_gradients_are_caught(tmp_path):
     assert _max_diff(rank0, single) > 1e-4
 
 
-def _evaluate(out, subcommand: str, devices: int, num_users: int):
+def _evaluate(out, subcommand: str, devices: int, num_users: int, *extra: str):
     """``metarec validate|test`` with the CSV logger; returns (metrics, csv log folder)."""
     import csv
 
@@ -80,7 +80,7 @@ def _evaluate(out, subcommand: str, devices: int, num_users: int):
                                 "init_args: {save_dir: runs, name: csv}}",
             "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
             "--data.dataset_args", f"{{num_users: {num_users}, num_items: 120, seed: 0}}",
-            "--data.eval_batch_size", "7"]
+            "--data.eval_batch_size", "7", *extra]
     if devices > 1:
         args += ["--trainer.strategy", "ddp"]
     result = subprocess.run(args, cwd=out, env=env, capture_output=True, text=True, timeout=600)
@@ -110,22 +110,28 @@ def test_ddp_validation_counts_every_task_once(tmp_path, num_users, tasks):
 
 @pytest.mark.slow
 def test_ddp_test_table_holds_every_test_user_once(tmp_path):
-    """The per-user test table gathers every rank's rows (29 test users over 2 ranks)."""
+    """The per-user test table gathers every rank's rows (29 test users over 2 ranks), at every
+    support cap of a K-shot sweep, and the capped metrics equal one process's."""
     import csv
 
-    one, folder1 = _evaluate(tmp_path / "one", "test", 1, 290)
-    two, folder2 = _evaluate(tmp_path / "two", "test", 2, 290)
-    def last(path):  # the rows after adaptation (the last step)
-        rows = list(csv.DictReader(open(path)))
+    sweep = ("--data.eval_support", "[1, null]")
+    one, folder1 = _evaluate(tmp_path / "one", "test", 1, 290, *sweep)
+    two, folder2 = _evaluate(tmp_path / "two", "test", 2, 290, *sweep)
+
+    def last(path, k):  # the rows after adaptation (the last step) at cap k
+        rows = [r for r in csv.DictReader(open(path)) if r["k"] == k]
         final = max(r["step"] for r in rows)
         return [r for r in rows if r["step"] == final]
 
-    rows1, rows2 = last(folder1 / "test_users.csv"), last(folder2 / "test_users.csv")
-    assert len(rows1) == 29 and sorted(r["user"] for r in rows2) == sorted(r["user"] for r in rows1)
-    by_user = {r["user"]: r for r in rows1}
-    for row in rows2:
-        assert float(row["loss"]) == pytest.approx(float(by_user[row["user"]]["loss"]), rel=1e-5)
-    assert two["test/loss"] == pytest.approx(one["test/loss"], rel=1e-5)
+    for k in ("1", "all"):
+        rows1, rows2 = last(folder1 / "test_users.csv", k), last(folder2 / "test_users.csv", k)
+        assert len(rows1) == 29 and sorted(r["user"] for r in rows2) == sorted(r["user"] for r in rows1)
+        by_user = {r["user"]: r for r in rows1}
+        for row in rows2:
+            assert float(row["loss"]) == pytest.approx(float(by_user[row["user"]]["loss"]), rel=1e-5)
+            assert row["support_size"] == by_user[row["user"]]["support_size"]
+        for key in (f"test/k{k}/loss", f"test/k{k}/mae", f"test/k{k}/ndcg@5", f"test/k{k}/user_mae"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5), key
 
 
 @pytest.mark.slow
