@@ -33,6 +33,14 @@ class MetricsSummary(pl.Callback):
             table.add_row(name, f"{float(before):.4f}" if before is not None else "",
                           f"{float(after):.4f}")
         Console().print(table)
+        checkpoint = trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if getattr(checkpoint, "monitor", None) \
+            else ""
+        if best:  # what `metarec test --ckpt_path` should be given
+            score = checkpoint.best_model_score
+            print(f"best checkpoint ({checkpoint.monitor} = "
+                  f"{float(score):.4f}): {best}" if score is not None else f"best checkpoint: {best}",
+                  flush=True)
 
 
 def parameter_counts(pl_module: pl.LightningModule) -> dict[str, float]:

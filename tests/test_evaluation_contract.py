@@ -84,6 +84,17 @@ def _test(recipe, ckpt, *extra):
     return MetarecCLI(args=["test", "--config", recipe, "--ckpt_path", str(ckpt), *QUIET, *extra])
 
 
+def test_fit_prints_the_best_checkpoint(in_tmp, capsys):
+    _write_ratings(in_tmp / "ratings.csv", "str")
+    (in_tmp / "recipe.yaml").write_text(RECIPE)
+    cli = MetarecCLI(args=["fit", "--config", "recipe.yaml", "--trainer.max_epochs", "1",
+                           "--trainer.limit_train_batches", "1", *QUIET])
+    best = cli.trainer.checkpoint_callback.best_model_path
+    out = capsys.readouterr().out
+    assert best.endswith(".ckpt") and "best checkpoint (val/mae = " in out
+    assert f"): {best}" in out
+
+
 def test_the_recipe_alone_tests_the_checkpoints_split(fitted, capsys):
     recipe, ckpt, fit_dm = fitted
     cli = _test(recipe, ckpt)
