@@ -314,8 +314,9 @@ class Adapter:
         from metarec.module import guard_iterates
 
         iterates = self.policy.adapt(self.functional, start, slow, support)
-        return guard_iterates(self.functional, iterates, slow, support,
-                              self.model.divergence)[0][-1]
+        guarded, _, _ = guard_iterates(self.functional, iterates, slow, support,
+                                       self.model.divergence)
+        return guarded[-1]
 
     @staticmethod
     def _pad(value: torch.Tensor, users: int, width: int) -> torch.Tensor:

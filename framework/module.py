@@ -25,38 +25,46 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 
 def guard_iterates(model: FunctionalModel, iterates: list[Params], slow: Params,
                    support: FeatureBatch, guard: DivergenceGuard, query: FeatureBatch | None = None
-                   ) -> tuple[list[Params], list[torch.Tensor]]:
-    """The divergence guard on a policy's iterates (leading task dim): ``(iterates, diverged)``.
+                   ) -> tuple[list[Params], list[torch.Tensor], list[torch.Tensor] | None]:
+    """The divergence guard on a policy's iterates (leading task dim): ``(iterates, diverged,
+    scores)``; ``scores`` are the query scores of the (guarded) iterates when ``query`` is
+    given (each computed once, for the guard and for the caller), else None.
 
     A task diverges at the first step whose *support* loss is non-finite or above
     ``guard.factor`` times its step-0 support loss, or whose fast parameters (or, when
     ``query`` is given, query scores) are not all finite; neither looks at a query label, so
     evaluation and deployment (:class:`metarec.Adapter`) run the same guard. A task stays
-    diverged for the later steps; with ``guard.fallback: start`` its iterates from then on are
-    its step-0 start, with ``keep`` they are left as they are (and only counted).
+    diverged for the later steps; with ``guard.fallback: start`` its iterates (and scores) from
+    then on are its step-0 start's, with ``keep`` they are left as they are (and only counted).
     """
     n = support["mask"].shape[0]
     none = torch.zeros(n, dtype=torch.bool, device=support["mask"].device)
+    score = (lambda fast: model.predict_tasks(fast, slow, query)) if query is not None else None
     if guard.factor is None:
-        return iterates, [none] * len(iterates)
+        return iterates, [none] * len(iterates), \
+            [score(f) for f in iterates] if score is not None else None
     with torch.no_grad():
         first = model.loss_tasks(iterates[0], slow, support)
-        diverged, flags, guarded = none, [none], [iterates[0]]
+        start_scores = score(iterates[0]) if score is not None else None
+        diverged, flags, guarded, scores = none, [none], [iterates[0]], [start_scores]
         for fast in iterates[1:]:
             loss = model.loss_tasks(fast, slow, support)
             bad = ~torch.isfinite(loss) | (loss > guard.factor * first.clamp_min(1e-12))
             for value in fast.values():
                 bad = bad | ~torch.isfinite(value.reshape(n, -1)).all(1)
-            if query is not None:
-                scores = model.predict_tasks(fast, slow, query)
-                bad = bad | ~(torch.isfinite(scores) | ~query["mask"]).all(1)
+            step_scores = score(fast) if score is not None else None
+            if step_scores is not None:
+                bad = bad | ~(torch.isfinite(step_scores) | ~query["mask"]).all(1)
             diverged = diverged | bad
             if guard.fallback == "start" and bool(diverged.any()):
                 fast = {k: torch.where(diverged.view(-1, *([1] * (v.ndim - 1))),
                                        iterates[0][k], v) for k, v in fast.items()}
+                if step_scores is not None:
+                    step_scores = torch.where(diverged[:, None], start_scores, step_scores)
             flags.append(diverged)
             guarded.append(fast)
-    return guarded, flags
+            scores.append(step_scores)
+    return guarded, flags, scores if score is not None else None
 
 
 class MetaLearner(pl.LightningModule):
@@ -215,9 +223,11 @@ class MetaLearner(pl.LightningModule):
         slow = {k: v.detach() for k, v in slow.items()}
         return self.policy.adapt(self.functional, fast, slow, batch.support)
 
-    def adapt_guarded(self, batch: EpisodeBatch) -> tuple[list[Params], list[torch.Tensor]]:
+    def adapt_guarded(self, batch: EpisodeBatch
+                      ) -> tuple[list[Params], list[torch.Tensor], list[torch.Tensor]]:
         """:meth:`adapt` under the divergence guard (:func:`guard_iterates`): ``(iterates,
-        diverged)``, ``diverged[s]`` ``(B,)`` marking the tasks caught by step ``s``."""
+        diverged, scores)``, ``diverged[s]`` ``(B,)`` marking the tasks caught by step ``s`` and
+        ``scores[s]`` the query scores at step ``s``."""
         slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
         return guard_iterates(self.functional, self.adapt(batch), slow, batch.support,
                               self.divergence, batch.query)
@@ -232,8 +242,7 @@ class MetaLearner(pl.LightningModule):
     def _evaluate_variant(self, batch: EpisodeBatch, stage: str, label: str) -> None:
         prefix = f"{stage}/{label}" if label else stage
         metrics = self._metrics(stage, label)
-        slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
-        iterates, diverged = self.adapt_guarded(batch)
+        _, diverged, scores = self.adapt_guarded(batch)
         # Per-task facts about this adaptation (e.g. early-stop's steps used), averaged over
         # tasks. Not synchronised per step: under DDP, ranks may run different numbers of
         # evaluation batches (tasks are never repeated), so this is rank 0's average.
@@ -241,13 +250,12 @@ class MetaLearner(pl.LightningModule):
             self.log(f"{prefix}/{name}", values.float().mean(), batch_size=len(batch))
         base = None
         support_size = batch.support["mask"].sum(1)
-        for step, fast in enumerate(iterates):
-            scores = self.functional.predict_tasks(fast, slow, batch.query)
-            per_task = per_task_metrics(scores, batch.query, batch.users, self.functional.feedback,
+        for step, step_scores in enumerate(scores):
+            per_task = per_task_metrics(step_scores, batch.query, batch.users, self.functional.feedback,
                                         self.metrics_config, self.schema.rating_range)
             losses = per_task["loss"].nan_to_num(0.0, posinf=float("inf"))
             base = losses if base is None else base
-            metrics.update(step, scores, batch.query, batch.users, losses, base, per_task,
+            metrics.update(step, step_scores, batch.query, batch.users, losses, base, per_task,
                            diverged=diverged[step])
             if stage == "test":
                 self._user_parts.append((label, step, batch.users, support_size, diverged[step],
@@ -393,9 +401,7 @@ class MetaLearner(pl.LightningModule):
         ``data.eval_support`` is set)."""
         if isinstance(batch, dict):
             return {label: self.predict_step(tasks, batch_idx) for label, tasks in batch.items()}
-        slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
-        iterates, diverged = self.adapt_guarded(batch)
-        return {"users": batch.users, "items": batch.query["item_id"],
-                "scores": self.functional.predict_tasks(iterates[-1], slow, batch.query),
+        _, diverged, scores = self.adapt_guarded(batch)
+        return {"users": batch.users, "items": batch.query["item_id"], "scores": scores[-1],
                 "labels": batch.query["label"], "mask": batch.query["mask"],
                 "diverged": diverged[-1]}

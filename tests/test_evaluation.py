@@ -158,8 +158,12 @@ def _exploding_learner(fallback: str, factor: float | None = 10.0):
 
 def test_divergence_guard_falls_back_to_the_start_and_counts():
     model, batch = _exploding_learner("start")
-    iterates, diverged = model.adapt_guarded(batch)
+    iterates, diverged, scores = model.adapt_guarded(batch)
     raw = model.adapt(batch)
+    slow = {k: v.detach() for k, v in model.functional.split()[1].items()}
+    for fast, step_scores in zip(iterates, scores):  # the scores are those of the guarded iterates
+        torch.testing.assert_close(step_scores,
+                                   model.functional.predict_tasks(fast, slow, batch.query))
     assert not diverged[0].any() and diverged[-1].any()
     caught = diverged[-1]
     for name, start in iterates[0].items():
@@ -183,13 +187,13 @@ def test_divergence_guard_falls_back_to_the_start_and_counts():
 
 def test_divergence_guard_keep_only_counts_and_off_does_nothing():
     model, batch = _exploding_learner("keep")
-    iterates, diverged = model.adapt_guarded(batch)
+    iterates, diverged, _ = model.adapt_guarded(batch)
     raw = model.adapt(batch)
     assert diverged[-1].any()
     for name in raw[-1]:
         assert torch.equal(iterates[-1][name], raw[-1][name])
     model, batch = _exploding_learner("start", factor=None)
-    _, diverged = model.adapt_guarded(batch)
+    _, diverged, _ = model.adapt_guarded(batch)
     assert not any(bool(d.any()) for d in diverged)
 
 
@@ -201,8 +205,8 @@ def test_the_adapter_serves_under_the_same_guard():
 
     model, batch = _exploding_learner("start")
     slow = {k: v.detach() for k, v in model.functional.split()[1].items()}
-    expected, diverged = guard_iterates(model.functional, model.adapt(batch), slow,
-                                        batch.support, model.divergence)
+    expected, diverged, _ = guard_iterates(model.functional, model.adapt(batch), slow,
+                                           batch.support, model.divergence)
     assert diverged[-1].any()
     table, _ = synthetic_setup()
     tables = lambda features: {f.spec.key: torch.from_numpy(f.values) for f in features}  # noqa: E731
