@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import hashlib
 import json
 import os
@@ -94,11 +93,9 @@ def load_backbone_weights(backbone: torch.nn.Module, path: str | Path,
         ckpt = load_checkpoint(path)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"model.init_from: {err}") from None
-    record = ckpt.get("metarec_split")
-    if splits is not None and record is not None:
-        saved_keys = (ckpt.get("metarec_data") or {}).get("user_keys")
+    if splits is not None:
         for split in ("val", "test"):
-            n = contract.overlap(record, saved_keys, splits, user_keys, split)
+            n = contract.trained_on(ckpt, splits, user_keys, split)
             if n:
                 raise ConfigError(f"model.init_from {path}: it was fit on {n} of this run's "
                                   f"{split} users (another data.seed, fold or data set); start "
@@ -127,7 +124,7 @@ def init_checkpoint(init_from: str, datamodule: Any, root: str | Path) -> Path:
     if not Path(init_from).is_file():
         raise ConfigError(f"model.init_from: recipe not found: {init_from}")
     data = {k: v for k, v in dict(datamodule.hparams).items() if k in contract.CONTRACT_KEYS}
-    data = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in data.items()}
+    data = contract.plain(data)
     seed = os.environ.get("PL_GLOBAL_SEED", "0")
     text = json.dumps([Path(init_from).read_text(), data, seed], sort_keys=True, default=str)
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -159,13 +156,9 @@ def datamodule_from_checkpoint(path: str | Path, data: dict[str, Any] | None = N
     if isinstance(data.get("tasks"), dict):
         data["tasks"] = TaskConfig(**data["tasks"])
     datamodule = EpisodeDataModule(**data)
-    record = ckpt.get("metarec_split")
-    if record is not None:
-        saved_keys = (ckpt.get("metarec_data") or {}).get("user_keys")
-        n = contract.overlap(record, saved_keys, datamodule.splits, datamodule.table.user_keys,
-                             "test")
-        if n:
-            raise ValueError(f"{where}: {n} of the {len(datamodule.splits.test)} test users of "
-                             "data: were meta-training users of the checkpoint; drop data: to "
-                             "use the checkpoint's own test users")
+    n = contract.trained_on(ckpt, datamodule.splits, datamodule.table.user_keys, "test")
+    if n:
+        raise ValueError(f"{where}: {n} of the {len(datamodule.splits.test)} test users of "
+                         "data: were meta-training users of the checkpoint; drop data: to use "
+                         "the checkpoint's own test users")
     return datamodule

@@ -74,17 +74,6 @@ def command_line_keys(args: list[str]) -> set[str]:
     return keys
 
 
-def _plain(value: Any) -> Any:
-    """A checkpoint hyperparameter as plain data (dataclasses as dicts, tuples as lists)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     for part in path[:-1]:
         tree = tree.setdefault(part, {})
@@ -111,8 +100,8 @@ def checkpoint_defaults(ckpt: dict[str, Any], current: dict[str, Any], given: se
     for section, saved in sections.items():
         for key, value in saved.items():
             dotted = f"{section}.{key}"
-            value = _plain(value)
-            now = _plain((current.get(section) or {}).get(key))
+            value = contract.plain(value)
+            now = contract.plain((current.get(section) or {}).get(key))
             inner = sorted(g for g in given if g.startswith(dotted + "."))
             if dotted in given:
                 if dotted in ARCHITECTURE_KEYS and now != value:
@@ -203,13 +192,10 @@ class MetarecCLI(LightningCLI):
         """Stop when the users to evaluate were meta-training users of the checkpoint."""
         split = EVALUATION_SUBCOMMANDS[self.subcommand]
         saved = (getattr(self, "_ckpt", None) or {})
-        record = saved.get("metarec_split")
-        if record is None:
-            return  # no checkpoint, or one written before checkpoints carried their split
         splits = self.datamodule.splits
-        saved_keys = (saved.get("metarec_data") or {}).get("user_keys")
-        current_keys = self.datamodule.table.user_keys
-        n = contract.overlap(record, saved_keys, splits, current_keys, split)
+        n = contract.trained_on(saved, splits, self.datamodule.table.user_keys, split)
+        if n is None:
+            return  # no checkpoint, or one written before checkpoints carried their split
         allowed = self.config[self.subcommand].get("allow_train_users")
         if n and not allowed:
             self._exit(self.subcommand, f"{n} of the {len(splits[split])} {split} users were "
@@ -220,7 +206,7 @@ class MetarecCLI(LightningCLI):
         if n:
             print(f"metarec {self.subcommand}: warning: {n} {split} users were meta-training "
                   "users (allowed by --allow_train_users)", file=sys.stderr)
-        elif not contract.same_split(record, splits, split):
+        elif not contract.same_split(saved["metarec_split"], splits, split):
             print(f"metarec {self.subcommand}: note: the {split} tasks differ from the "
                   "checkpoint's (no user overlap with its meta-training users)", file=sys.stderr)
 

@@ -13,6 +13,7 @@ overlap, when the users they would evaluate were meta-training users of the chec
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Hashable, Sequence
@@ -63,6 +64,30 @@ def overlap(record: dict[str, Any], saved_keys: Sequence[Hashable] | None, split
     trained = _raw(record["users"]["train"], saved_keys if both else None)
     evaluated = _raw(splits[split].users, list(current_keys) if both else None)
     return len(trained & evaluated)
+
+
+def trained_on(ckpt: dict[str, Any], splits: TaskSplits,
+               user_keys: Sequence[Hashable] | None, split: str) -> int | None:
+    """How many of this run's ``split`` users the checkpoint ``ckpt`` (a loaded checkpoint, or
+    its ``metarec_split``/``metarec_data`` entries) meta-trained on; None when it carries no
+    split record (written before checkpoints carried one)."""
+    record = ckpt.get("metarec_split")
+    if record is None:
+        return None
+    saved_keys = (ckpt.get("metarec_data") or {}).get("user_keys")
+    return overlap(record, saved_keys, splits, user_keys, split)
+
+
+def plain(value: Any) -> Any:
+    """Settings as plain data (dataclasses as dicts, tuples as lists), e.g. a checkpoint's
+    hyperparameters, for comparing with a parsed recipe or passing on a command line."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def same_split(record: dict[str, Any], splits: TaskSplits, split: str) -> bool:
