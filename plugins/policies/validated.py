@@ -175,10 +175,10 @@ class Validated(AdaptationPolicy):
         bucket = self._bucket(support["mask"].sum(1))
         chosen = torch.tensor([self.choices.get(e, (0, self.max_steps)) for e in self.edges],
                               device=bucket.device)[bucket]  # (B, 2): candidate, steps
-        used = sorted(set(chosen[:, 0].tolist()))
-        runs = self._trajectories(model, fast, slow, support, [self.candidates[c] for c in used])
-        position = torch.tensor([used.index(c) for c in chosen[:, 0].tolist()],
-                                device=bucket.device)
+        used = torch.unique(chosen[:, 0])  # only the candidates some task needs are run
+        runs = self._trajectories(model, fast, slow, support,
+                                  [self.candidates[c] for c in used.tolist()])
+        position = torch.searchsorted(used, chosen[:, 0])  # each task's run among them
         tasks = torch.arange(len(bucket), device=bucket.device)
         self.last_steps = chosen[:, 1]
         # (runs, steps + 1, tasks, ...) per parameter; iterate s of task t: its run, step min(s, k_t)
