@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.func import vmap
 
 from metarec.data.episodes import EpisodeBatch, FeatureBatch
 from metarec.functional import SGD, FunctionalModel, InnerOptimizer, Objective, Params
@@ -65,10 +66,44 @@ class MetaAlgorithm(nn.Module):
         """The inner loss of a task adapted from ``start``; None means the plain support loss."""
         return None
 
+    def task_start(self, model: FunctionalModel, fast: Params, slow: Params,
+                   support: FeatureBatch) -> Params:
+        """One task's step 0: where its adaptation starts (vmap it across tasks).
+
+        The task-conditioned start: an algorithm whose start depends on the task (MAMO's
+        memory-personalised initialisation) overrides it; a backbone that encodes the support
+        set into its fast state (TaNP's amortised task code) defines ``task_start(support)``,
+        which this default calls (:meth:`FunctionalModel.task_start`); otherwise it is
+        ``fast``, the shared meta-learned start. Everything that adapts a task (:meth:`adapt`,
+        the policies, :class:`metarec.Adapter`) starts here, so step 0 of evaluation is this
+        start and gradient steps, if any, follow from it. It must be a pure function of its
+        arguments (it runs under ``vmap`` and inside the outer loss, which differentiates it).
+        """
+        return model.task_start(fast, slow, support)
+
+    def task_starts(self, model: FunctionalModel, fast: Params, slow: Params,
+                    support: FeatureBatch) -> Params:
+        """:meth:`task_start` of every task of a batch (leading task dim on the result)."""
+        tasks = support["mask"].shape[0]
+        if not self.conditions_start(model):  # the shared start: broadcast views, no copy
+            return {k: v.expand(tasks, *v.shape) for k, v in fast.items()}
+        return vmap(lambda task: self.task_start(model, fast, slow, task),
+                    randomness="different")(support)
+
+    def conditions_start(self, model: FunctionalModel) -> bool:
+        """Whether :meth:`task_start` depends on the task (else it returns ``fast``)."""
+        return (type(self).task_start is not MetaAlgorithm.task_start
+                or model.conditions_start)
+
     def adapt(self, model: FunctionalModel, fast: Params, slow: Params, support: FeatureBatch, *,
               steps: int | None = None, optimizer: InnerOptimizer | None = None,
-              first_order: bool = False, trajectory: bool = False) -> Params | list[Params]:
-        """This algorithm's inner loop on one task (vmap it across tasks)."""
+              first_order: bool = False, trajectory: bool = False,
+              from_start: bool = True) -> Params | list[Params]:
+        """This algorithm's inner loop on one task (vmap it across tasks), from the task's
+        start (:meth:`task_start` of ``fast``); ``from_start=False`` continues from ``fast``
+        as given (e.g. a user's already-adapted parameters)."""
+        if from_start:
+            fast = self.task_start(model, fast, slow, support)
         return model.adapt(fast, slow, support, self.inner_steps if steps is None else steps,
                            optimizer or self.inner_optimizer(),
                            objective=self.inner_objective(model, fast, slow),

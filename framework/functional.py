@@ -139,6 +139,17 @@ def masked_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
     return (per * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+class _Method(nn.Module):
+    """``forward`` = one named method of a module: lets ``functional_call`` run any method."""
+
+    def __init__(self, backbone: nn.Module, method: str) -> None:
+        super().__init__()
+        self.backbone, self.method = backbone, method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.backbone, self.method)(*args, **kwargs)
+
+
 class FunctionalModel:
     """A backbone seen as pure functions of (fast, slow) parameter dicts."""
 
@@ -161,6 +172,26 @@ class FunctionalModel:
         encoded = functional_call(self.backbone, (slow, buffers), (inputs(batch),),
                                   {"encode_only": True})
         return {**batch, ENCODED: encoded}
+
+    @property
+    def conditions_start(self) -> bool:
+        """Whether the backbone maps a task's support set to its start (``task_start``)."""
+        return callable(getattr(self.backbone, "task_start", None))
+
+    def call(self, method: str, fast: Params, slow: Params, *args: Any, **kwargs: Any) -> Any:
+        """Run the backbone's method ``method`` as a pure function of (fast, slow) parameters,
+        as :meth:`predict` runs its forward (any method, e.g. an amortised task encoder)."""
+        buffers = {f"backbone.{k}": v for k, v in self.backbone.named_buffers()}
+        params = {f"backbone.{k}": v for k, v in {**slow, **fast}.items()}
+        return functional_call(_Method(self.backbone, method), (params, buffers), args, kwargs)
+
+    def task_start(self, fast: Params, slow: Params, support: FeatureBatch) -> Params:
+        """One task's start of adaptation: the backbone's ``task_start(support)`` (fast values
+        computed from the support set, e.g. TaNP's latent task code) when it defines one,
+        else ``fast`` itself (the shared, meta-learned start)."""
+        if not self.conditions_start:
+            return fast
+        return {**fast, **self.call("task_start", fast, slow, support)}
 
     def split(self) -> tuple[Params, Params]:
         """The live (fast, slow) parameters: autograd reaches the backbone through them."""

@@ -95,14 +95,15 @@ class EarlyStop(AdaptationPolicy):
         if self.max_steps == 0:
             self.last_steps_used = torch.zeros(tasks, dtype=torch.long,
                                                device=support["mask"].device)
-            return [{k: v.expand(tasks, *v.shape) for k, v in fast.items()}]
+            return [algorithm.task_starts(model, fast, slow, support)]
         optimizer = SGD(self.lr) if self.lr is not None else algorithm.inner_optimizer()
         objective = algorithm.inner_objective(model, fast, slow)
         support_loss = lambda f, batch: model.loss(f, slow, batch)  # noqa: E731
         target, patience, min_delta = self.target_ratio, self.patience, self.min_delta
 
         def one_task(task: FeatureBatch) -> tuple[list[Params], torch.Tensor]:
-            theta, state, iterates = fast, optimizer.init(fast), [fast]
+            start = algorithm.task_start(model, fast, slow, task)
+            theta, state, iterates = start, optimizer.init(start), [start]
             active = used = base = best = wait = None
             for step in range(self.max_steps):
                 if objective is None:  # one backward gives both the gradient and the loss

@@ -117,9 +117,14 @@ class Online(AdaptationPolicy):
         width, per, size = mask.shape[-1], self.events_per_update, self.buffer_size
         chunks = -(-width // per)
 
+        algorithm = self.algorithm
+
         def one_task(task: FeatureBatch) -> list[Params]:
             task = model.prepare(slow, task)  # slow-only encoding, once per task (if any)
-            theta, iterates = fast, [fast]
+            # A task-conditioned start sees no event yet: the stream has not begun.
+            start = algorithm.task_start(model, fast, slow,
+                                         {**task, "mask": torch.zeros_like(task["mask"])})
+            theta, iterates = start, [start]
             count = task["mask"].sum()  # this task's events: slots 0..count-1 (oldest first)
             for u in range(chunks):
                 end = min((u + 1) * per, width)
@@ -130,7 +135,7 @@ class Online(AdaptationPolicy):
                 slots = torch.arange(lo, end, device=mask.device)
                 buffer = {k: v[lo:end] for k, v in task.items()}
                 buffer["mask"] = buffer["mask"] & (slots >= torch.clamp(count, max=end) - size)
-                new = self.step(theta, fast, buffer, optimizer, objective)
+                new = self.step(theta, start, buffer, optimizer, objective)
                 active = task["mask"][u * per]  # chunk u holds at least one event of this task
                 theta = {k: torch.where(active, new[k], theta[k]) for k in theta}
                 iterates.append(theta)
@@ -142,8 +147,9 @@ class Online(AdaptationPolicy):
             iterates = vmap(one_task, randomness="different")(support)
         self.last_updates = -(-mask.sum(-1) // per)
         tasks = mask.shape[0]
-        if len(iterates) == 1:  # no events at all: broadcast the start like frozen
-            iterates = [{k: v.expand(tasks, *v.shape) for k, v in fast.items()}]
+        if len(iterates) == 1:  # no events at all: the start, like frozen
+            empty = {**support, "mask": torch.zeros_like(mask)}
+            iterates = [algorithm.task_starts(model, fast, slow, empty)]
         # Steps 0..max_steps: after min(s, U) updates; the last one after the whole stream.
         reported = iterates[:self.max_steps] + [iterates[-1]]
         reported += [iterates[-1]] * (self.max_steps + 1 - len(reported))
@@ -167,8 +173,13 @@ class Online(AdaptationPolicy):
         """Apply new feedback ``events`` (one user, rows oldest first) to that user's ``fast``
         parameters and replay ``buffer``: one update per chunk of ``events_per_update`` events
         (the last chunk may be smaller). ``start`` is the meta-learned start (``theta_0``, the
-        anchor of the pull). Returns the new parameters and buffer; the inputs are not changed.
+        anchor of the pull; with a task-conditioned start, the algorithm's start of this user
+        conditioned on no event). Returns the new parameters and buffer; the inputs are not changed.
         """
+        # A task-conditioned start as evaluation's (conditioned on no event: the user's own
+        # features only); the shared start otherwise.
+        start = self.algorithm.task_start(model, start, slow,
+                                          {**events, "mask": torch.zeros_like(events["mask"])})
         optimizer, objective = self._parts(model, start, slow)
         keep = events["mask"]
         events = {k: v[keep] for k, v in events.items()}
