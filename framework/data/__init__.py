@@ -10,12 +10,19 @@ from metarec.data.episodes import (
     support_label,
 )
 from metarec.data.errors import ConfigError, DataError
-from metarec.data.readers import numeric_column, read_frame, require_columns
+from metarec.data.readers import (
+    id_column,
+    numeric_column,
+    read_frame,
+    require_columns,
+    require_rows,
+)
 from metarec.data.table import Feature, InteractionTable, encode_ids
 from metarec.data.tasks import TaskConfig, TaskSet, TaskSplits, build_tasks
 
 __all__ = [
     "ENCODED", "ConfigError", "DataError", "EpisodeBatch", "EpisodeCollator", "Feature", "FeatureBatch",
     "InteractionTable", "SupportSweepCollator", "TaskConfig", "TaskSet", "TaskSplits", "build_tasks", "encode_ids",
-    "inputs", "numeric_column", "read_frame", "require_columns", "support_label",
+    "id_column", "inputs", "numeric_column", "read_frame", "require_columns", "require_rows",
+    "support_label",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,20 +14,31 @@ import pandas as pd
 from metarec.data.errors import DataError
 
 _FIELDS_RE = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+_UNIT = "\x1f"  # stands in for a multi-character separator, so the fast C parser can be used
+_INT64 = 2.0 ** 63
 
 
 def read_frame(path: str | Path, *, sep: str = ",", names: Sequence[str] | None = None,
-               header: bool = True, encoding: str = "utf-8") -> pd.DataFrame:
+               header: bool = True, encoding: str = "utf-8", quotechar: str | None = '"',
+               escapechar: str | None = None) -> pd.DataFrame:
     """Read a CSV/TSV/Parquet file as strings (Parquet keeps its dtypes).
 
     Every column is read as text so that a malformed value is reported by
     :func:`numeric_column` with its line instead of silently becoming NaN.
-    A row with the wrong number of fields is a :class:`DataError` naming its line.
+    A row with the wrong number of fields is a :class:`DataError` naming its line; so are a
+    missing, empty (0-byte) or unreadable file and a directory given in place of a file.
+    ``sep`` may be several characters (``"::"``, MovieLens-1M). ``quotechar=None`` reads
+    quotes as ordinary characters (the default for ``sep="|"``).
     The frame's ``attrs['line']`` holds the 1-based file line of every row.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError("is a directory; give the path of a data file (.csv, .tsv, .dat or "
+                        ".parquet) inside it", source=str(path))
     if not path.exists():
         raise DataError("file not found", source=str(path))
+    if path.stat().st_size == 0:
+        raise DataError("file is empty (0 bytes)", source=str(path))
     if path.suffix in (".parquet", ".pq"):
         try:
             frame = pd.read_parquet(path)
@@ -35,12 +47,22 @@ def read_frame(path: str | Path, *, sep: str = ",", names: Sequence[str] | None 
         frame.attrs["line"] = np.arange(len(frame)) + 1  # row numbers for Parquet
         frame.attrs["source"] = str(path)
         return frame
+    if sep == "|":
+        quotechar = None
+    source: str | Path | io.StringIO = path
+    if len(sep) > 1:
+        text = _read_text(path, encoding)
+        if _UNIT in text:
+            raise DataError(f"contains the control character \\x1f; cannot split on {sep!r}",
+                            source=str(path))
+        source = io.StringIO(text.replace(sep, _UNIT))
     try:
-        frame = pd.read_csv(path, sep=sep, names=list(names) if names else None,
+        frame = pd.read_csv(source, sep=sep if len(sep) == 1 else _UNIT,
+                            names=list(names) if names else None,
                             header=0 if header else None, dtype=str, encoding=encoding,
-                            keep_default_na=False, skip_blank_lines=True,
-                            engine="c" if len(sep) == 1 else "python",
-                            quoting=csv.QUOTE_MINIMAL if sep != "|" else csv.QUOTE_NONE)
+                            keep_default_na=False, skip_blank_lines=True, engine="c",
+                            quoting=csv.QUOTE_MINIMAL if quotechar else csv.QUOTE_NONE,
+                            quotechar=quotechar or '"', escapechar=escapechar)
     except pd.errors.ParserError as err:
         match = _FIELDS_RE.search(str(err))
         if match:
@@ -48,6 +70,8 @@ def read_frame(path: str | Path, *, sep: str = ",", names: Sequence[str] | None 
             raise DataError(f"expected {want} fields, found {got}", source=str(path),
                             line=line) from None
         raise DataError(f"cannot parse: {err}", source=str(path)) from None
+    except pd.errors.EmptyDataError:
+        raise DataError("file holds no data (only blank lines)", source=str(path)) from None
     except UnicodeDecodeError as err:
         raise DataError(f"not valid {encoding} text ({err.reason})", source=str(path)) from None
     frame.attrs["line"] = _file_lines(path, len(frame), header, encoding)
@@ -58,7 +82,40 @@ def read_frame(path: str | Path, *, sep: str = ",", names: Sequence[str] | None 
         want = len(frame.columns)
         raise DataError(f"expected {want} fields, found {want + frame.index.nlevels}",
                         source=str(path), line=int(frame.attrs["line"][0]))
+    _check_short_rows(frame, path, sep, encoding, quotechar, escapechar)
     return frame
+
+
+def _check_short_rows(frame: pd.DataFrame, path: Path, sep: str, encoding: str,
+                      quotechar: str | None, escapechar: str | None) -> None:
+    """A row with too few fields: pandas pads it with empty strings, so only rows whose last
+    field is empty are suspects; each suspect's line is split again to count its fields."""
+    if frame.shape[1] < 2 or not len(frame):
+        return
+    suspects = np.flatnonzero((frame.iloc[:, -1].astype(str) == "").to_numpy())
+    if not len(suspects):
+        return
+    wanted = {int(frame.attrs["line"][r]) for r in suspects}
+    with open(path, encoding=encoding, errors="replace", newline="") as handle:
+        for number, text in enumerate(handle, start=1):
+            if number not in wanted:
+                continue
+            text = text.rstrip("\r\n")
+            if quotechar is None:
+                found = text.count(sep) + 1
+            else:
+                found = len(next(csv.reader([text], delimiter=sep, quotechar=quotechar,
+                                            escapechar=escapechar), [""]))
+            if found < frame.shape[1]:
+                raise DataError(f"expected {frame.shape[1]} fields, found {found}",
+                                source=str(path), line=number)
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as err:
+        raise DataError(f"not valid {encoding} text ({err.reason})", source=str(path)) from None
 
 
 def _file_lines(path: Path, rows: int, header: bool, encoding: str) -> np.ndarray:
@@ -77,11 +134,45 @@ def require_columns(frame: pd.DataFrame, columns: Sequence[str]) -> None:
                         source=frame.attrs.get("source"))
 
 
-def numeric_column(frame: pd.DataFrame, column: str, *, integer: bool = False,
-                   minimum: float | None = None, maximum: float | None = None) -> np.ndarray:
-    """Parse one column as numbers; the first bad value raises an error naming file, line, field."""
+def require_rows(frame: pd.DataFrame, expected: int, what: str) -> None:
+    """Raise a :class:`DataError` naming the file unless it has exactly ``expected`` rows.
+
+    For published data sets of known size: a truncated download or copy is caught here
+    instead of silently training on part of the data. ``what`` names the release.
+    """
+    if len(frame) != expected:
+        raise DataError(f"{len(frame):,} rows where {what} has {expected:,}: the file is "
+                        "truncated or not the published release (set verify: false to read "
+                        "it anyway)", source=frame.attrs.get("source"))
+
+
+def id_column(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """One id column as strings; a null (Parquet) or empty id raises a :class:`DataError`
+    naming the file, row and column. Integral floats stay as written (``"1.0"``)."""
     raw = frame[column]
-    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+    bad = raw.isna().to_numpy() | (raw.astype(str).str.strip() == "").to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        what = "null" if raw.isna().iloc[row] else "empty"
+        raise DataError(f"{what} id ({int(bad.sum())} such row(s))",
+                        source=frame.attrs.get("source"),
+                        line=int(frame.attrs["line"][row]), field=column)
+    return raw.astype(str).to_numpy()
+
+
+def numeric_column(frame: pd.DataFrame, column: str, *, integer: bool = False,
+                   minimum: float | None = None, maximum: float | None = None,
+                   int64: bool = False) -> np.ndarray:
+    """Parse one column as numbers; the first bad value raises an error naming file, line, field.
+
+    ``integer``: every value must be a whole number; the result is int64. ``int64``: the
+    result is int64 (fractions truncated), e.g. timestamps. Either way a value that does not
+    fit a 64-bit integer (``1e30``) is an error, never a silent overflow.
+    """
+    raw = frame[column]
+    parsed = pd.to_numeric(raw, errors="coerce")
+    exact = parsed.dtype.kind in "iu" and parsed.dtype != np.uint64  # ints kept exactly
+    values = parsed.to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(values)
     if integer:
         bad |= np.isfinite(values) & (values != np.round(values))
@@ -89,15 +180,22 @@ def numeric_column(frame: pd.DataFrame, column: str, *, integer: bool = False,
         bad |= values < minimum
     if maximum is not None:
         bad |= values > maximum
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
+    overflow = (values >= _INT64) | (values < -_INT64)
+    if exact or not (integer or int64):
+        overflow[:] = False
+    if bad.any() or overflow.any():
+        row = int(np.flatnonzero(bad | overflow)[0])
         what = "an integer" if integer else "a finite number"
         bounds = ""
         if minimum is not None or maximum is not None:
             bounds = f" in [{minimum if minimum is not None else '-inf'}, " \
                      f"{maximum if maximum is not None else 'inf'}]"
+        if overflow[row] and not bad[row]:
+            what, bounds = "a number that fits a 64-bit integer", ""
         raise DataError(f"expected {what}{bounds}, found {raw.iloc[row]!r} "
-                        f"({int(bad.sum())} bad value(s) in this column)",
+                        f"({int((bad | overflow).sum())} bad value(s) in this column)",
                         source=frame.attrs.get("source"),
                         line=int(frame.attrs["line"][row]), field=column)
-    return values.astype(np.int64) if integer else values
+    if exact and (integer or int64):
+        return parsed.to_numpy(dtype=np.int64)
+    return values.astype(np.int64) if integer or int64 else values
