@@ -16,7 +16,10 @@ from typing import Any
 
 import _stats
 
-TABLE_METRICS = {"explicit": ("mae", "rmse", "ndcg@5"), "implicit": ("auc", "ndcg@5")}
+# "recbole:" columns: the same runs under RecBole-MetaRec's relevance rule (the query's top-5
+# true-rated items are relevant), present when the runner tested them.
+TABLE_METRICS = {"explicit": ("mae", "rmse", "ndcg@5", "recbole:precision@5", "recbole:ndcg@5"),
+                 "implicit": ("auc", "ndcg@5")}
 LOWER_IS_BETTER = {"mae", "rmse", "loss", "user_mae", "user_rmse"}
 METRIC_TITLES = {"mae": "MAE", "rmse": "RMSE", "auc": "AUC", "loss": "query loss"}
 
@@ -96,7 +99,7 @@ def _chance_by_user(result: dict, metric: str) -> dict[Any, float]:
 
 def table_metrics(result: dict) -> list[str]:
     feedback = next((r.get("feedback") for r in result["runs"]), "explicit") or "explicit"
-    columns = result["runs"][0]["rows"] if result["runs"] else {}
+    columns = {c for run in result["runs"] for c in run["rows"]}
     return [m for m in TABLE_METRICS.get(feedback, TABLE_METRICS["explicit"]) if m in columns]
 
 
@@ -199,7 +202,11 @@ def _diff_cell(d: dict | None) -> str:
 
 
 def _title(metric: str) -> str:
-    return METRIC_TITLES.get(metric, metric.replace("ndcg", "nDCG"))
+    rule, _, name = metric.rpartition(":")
+    title = METRIC_TITLES.get(name, name.replace("ndcg", "nDCG").replace("precision", "Precision"))
+    if rule == "recbole":
+        return f"{title}, RecBole-MetaRec rule (top-5 true-rated query items relevant)"
+    return title
 
 
 def markdown(result: dict) -> str:

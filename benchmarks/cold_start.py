@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -295,7 +296,7 @@ def _best_epoch(path: str) -> int | None:
     return int(torch.load(path, map_location="cpu", weights_only=False).get("epoch", -1))
 
 
-def chance_rows(cli: Any, seed: int, draws: int = 20) -> dict[str, Any]:
+def chance_rows(cli: Any, seed: int, draws: int = 20, config: Any = None) -> dict[str, Any]:
     """Chance level on the run's test users: ranking metrics of uniform random scores (mean over
     ``draws`` seeded draws) and, explicit feedback, MAE/RMSE of predicting every query rating
     with the mean training rating."""
@@ -307,7 +308,7 @@ def chance_rows(cli: Any, seed: int, draws: int = 20) -> dict[str, Any]:
     dm = cli.datamodule
     tasks, train = dm.splits["test"], dm.splits["train"]
     feedback, rating_range = dm.splits.feedback, dm.schema.rating_range
-    config = cli.model.metrics_config
+    config = config or cli.model.metrics_config
     batch = EpisodeCollator(tasks, dm.table)(list(range(len(tasks))))
     shape = batch.query["label"].shape
     lo, hi = rating_range if (feedback == "explicit" and rating_range) else (0.0, 1.0)
@@ -417,6 +418,11 @@ def _run(method: Method, fold: int, seed: int, recipe: str, args: list[str], roo
     results = getattr(model, "user_results", None)
     if not results:
         raise RuntimeError("the model recorded no per-user test results (model.user_results)")
+    rules = {}  # the ranking metrics under the other relevance rule (RecBole-MetaRec's)
+    if cli.datamodule.splits.feedback == "explicit" and model.metrics_config.relevance != "recbole":
+        rules = _retest(trainer, model, cli, "recbole", "best" if tested == "best" else None)
+        results = [{**row, **rules.get((row["user"], row["k"], row["step"]), {})}
+                   for row in results]
     max_step = max(int(r["step"]) for r in results)
     splits = cli.datamodule.splits
     run = {
@@ -437,7 +443,32 @@ def _run(method: Method, fold: int, seed: int, recipe: str, args: list[str], roo
                          if splits.feedback == "explicit" else results, {0, max_step}),
         "chance": chance_rows(cli, seed, chance_draws),
     }
+    if rules:  # chance under the other rule too, on the same users
+        other = dataclasses.replace(model.metrics_config, relevance="recbole")
+        extra = chance_rows(cli, seed, chance_draws, config=other)["rows"]
+        run["chance"]["rows"].update({f"recbole:{name}": values for name, values in extra.items()
+                                      if name not in ("user", "mae", "rmse")})
     return run
+
+
+RANKING = ("ndcg", "precision", "recall", "hitrate", "mrr", "auc")
+
+
+def _retest(trainer: Any, model: Any, cli: Any, rule: str, ckpt_path: str | None) -> dict:
+    """Test the same checkpoint again with ``metrics.relevance: rule``: ``{(user, k, step):
+    {"<rule>:<metric>": value}}`` for the ranking metrics (MAE/RMSE do not depend on it)."""
+    config = model.metrics_config
+    model.metrics_config = dataclasses.replace(config, relevance=rule)
+    model.test_metrics.clear()  # made on first use with the rule they were made with
+    try:
+        trainer.test(model, datamodule=cli.datamodule, ckpt_path=ckpt_path, verbose=False)
+        rows = model.user_results
+    finally:
+        model.metrics_config = config
+        model.test_metrics.clear()
+    return {(r["user"], r["k"], r["step"]): {f"{rule}:{name}": v for name, v in r.items()
+                                             if name.split("@")[0] in RANKING}
+            for r in rows}
 
 
 def _task_config(config: Any) -> dict[str, Any]:
