@@ -21,12 +21,27 @@ benchmark compares the same math. The paths are timed side by side, interleaved 
 rotates every repeat; the learn2learn worker waits on a pipe while the others run), and the
 medians over repeats are reported.
 
+- ``vmap_bucketed``: the same tasks regrouped by support size (sorted, then cut into batches
+  of ``--tasks-per-batch``: what ``data.bucket_by_length`` does to an epoch), so each batch is
+  padded only to its own longest task. Same code as ``vmap``; only the batching differs.
+- ``vmap_compiled`` (with ``--compile``): the bucketed batches through ``torch.compile`` of the
+  outer loss (forward and backward; eager stays the reference), each batch padded up to a
+  multiple of ``--compile-pad`` so that few graphs are compiled. Compile time (the first call
+  of each shape) is reported apart from the steady state.
+
+Measured against the machine's limit, in the same process: the FLOPs of one pass
+(``torch.utils.flop_counter.FlopCounterMode``, which counts matrix products: mm, bmm, addmm),
+*padded* (what the vmapped batches compute) and *useful* (the same outer loss and backward run
+on every task alone, trimmed to its own support and query: no padding), and the float32 matmul
+peak (the best of several 2048x2048 products, timed at the start and the end of the run).
+``useful_flop_efficiency`` = useful FLOPs per second / peak, per path.
+
 Data: MovieLens-100K (``MovieLens100K``) when ``../shared/data/ml-100k`` or ``$METAREC_DATA``
 holds it, else a synthetic table with ml-100k shapes (943 users, 1682 items, the same feature
 cardinalities, support sets up to 90, query sets of 10).
 
-    .venv/bin/python benchmarks/meta_train_throughput.py --quick \\
-        --l2l-python /root/.cache/metarec/l2l-venv/bin/python
+    .venv/bin/python benchmarks/meta_train_throughput.py --quick --json /tmp/mtt.json \\
+        [--compile] [--l2l-python ~/.cache/metarec/l2l-venv/bin/python]
 """
 
 from __future__ import annotations
@@ -48,6 +63,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _results import write_json  # benchmarks/_results.py (scripts run from here)
+from torch.utils.flop_counter import FlopCounterMode
 
 from metarec import DataError, Feature, FeatureSpec, InteractionTable, TaskConfig, build_tasks
 from metarec.data.episodes import EpisodeBatch, EpisodeCollator
@@ -111,15 +127,37 @@ def load_table(force_synthetic: bool) -> tuple[InteractionTable, str]:
 
 
 def make_batches(table: InteractionTable, n_batches: int, tasks_per_batch: int,
-                 seed: int) -> list[EpisodeBatch]:
-    """``n_batches`` batches of distinct training tasks (wrapping around if there are few)."""
+                 seed: int, bucketed: bool = False) -> list[EpisodeBatch]:
+    """``n_batches`` batches of distinct training tasks (wrapping around if there are few).
+
+    ``bucketed``: the same tasks, sorted by support size and cut into batches in that order
+    (each batch then padded only to its own longest support), batches in random order."""
     tasks = build_tasks(table, TaskConfig(), seed=0).train
     collate = EpisodeCollator(tasks, table)
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(tasks), generator=g)
                        for _ in range(-(-n_batches * tasks_per_batch // len(tasks)))])
-    return [collate(order[i * tasks_per_batch:(i + 1) * tasks_per_batch])
-            for i in range(n_batches)]
+    order = order[:n_batches * tasks_per_batch]
+    if bucketed:
+        sizes = tasks.support_mask[order].sum(1)
+        order = order[torch.sort(sizes, stable=True).indices]
+    chunks = [order[i * tasks_per_batch:(i + 1) * tasks_per_batch] for i in range(n_batches)]
+    if bucketed:
+        chunks = [chunks[i] for i in torch.randperm(n_batches, generator=g).tolist()]
+    return [collate(c) for c in chunks]
+
+
+def pad_batch(batch: EpisodeBatch, multiple: int) -> EpisodeBatch:
+    """``batch`` with support and query padded (mask False) up to a multiple of ``multiple``
+    slots, so that batches of nearby widths share one compiled graph."""
+    def side(s: dict) -> dict:
+        n = s["mask"].shape[1]
+        extra = -n % multiple
+        if not extra:
+            return s
+        return {k: torch.cat([v, v.new_zeros((v.shape[0], extra, *v.shape[2:]))], 1)
+                for k, v in s.items()}
+    return EpisodeBatch(users=batch.users, support=side(batch.support), query=side(batch.query))
 
 
 def per_task(batch: EpisodeBatch) -> list[tuple[dict, dict]]:
@@ -160,6 +198,62 @@ def loop_meta_gradient(model: FunctionalModel, tasks: list[tuple[dict, dict]], s
     loss = outer / len(tasks)
     loss.backward()
     return loss
+
+
+def compiled_meta_gradient(model: FunctionalModel, algo: MAML):
+    """The outer loss through ``torch.compile`` (one graph per padded shape); ``backward()``
+    runs the compiled backward. Eager (:func:`vmap_meta_gradient`) is the reference."""
+    def outer(support: dict, query: dict) -> torch.Tensor:
+        return algo.outer_loss(model, EpisodeBatch(users=torch.empty(0), support=support,
+                                                   query=query))[0]
+    compiled = torch.compile(outer, dynamic=False)
+
+    def run(batch: EpisodeBatch) -> torch.Tensor:
+        model.backbone.zero_grad(set_to_none=True)
+        loss = compiled(batch.support, batch.query)
+        loss.backward()
+        return loss
+    return run
+
+
+def flops_of(fn, *args) -> int:
+    """Matrix-product FLOPs of ``fn(*args)`` (forward and backward), by torch's counter."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(*args)
+    return int(counter.get_total_flops())
+
+
+def single_tasks(batch: EpisodeBatch) -> list[EpisodeBatch]:
+    """Every task of ``batch`` alone (a batch of one), cut to its own support and query."""
+    out = []
+    for b in range(len(batch)):
+        sides = []
+        for side in (batch.support, batch.query):
+            n = int(side["mask"][b].sum())
+            assert bool(side["mask"][b, :n].all()), "padding must sit at the end of a row"
+            sides.append({k: v[b:b + 1, :n] for k, v in side.items()})
+        out.append(EpisodeBatch(users=batch.users[b:b + 1], support=sides[0], query=sides[1]))
+    return out
+
+
+def useful_flops(model: FunctionalModel, algo: MAML, batches: list[EpisodeBatch]) -> int:
+    """The FLOPs of the outer loss and its backward with no padding at all: each task run
+    alone on its own support and query (the same math as the vmapped batch, task by task)."""
+    return sum(flops_of(vmap_meta_gradient, model, algo, task)
+               for batch in batches for task in single_tasks(batch))
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` float32 ``size x size`` matrix products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best
 
 
 def grads_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -276,7 +370,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    ap.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     ap.add_argument("--batches", type=int, default=None,
                     help="distinct batches per timed pass (default 2 quick, 10 full)")
     ap.add_argument("--repeats", type=int, default=None,
@@ -289,6 +383,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--synthetic", action="store_true", help="ignore MovieLens-100K if present")
     ap.add_argument("--l2l-python", default=None,
                     help="a python interpreter with learn2learn: also time learn2learn's MAML")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile of the outer loss on the bucketed batches")
+    ap.add_argument("--compile-pad", type=int, default=16,
+                    help="compiled batches are padded to a multiple of this many slots")
     ap.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -302,9 +400,11 @@ def main(argv: list[str] | None = None) -> dict:
     threads = args.threads or default_threads
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
+    peak_start = matmul_peak()
 
     table, source = load_table(args.synthetic)
     batches = make_batches(table, n_batches, args.tasks_per_batch, args.seed)
+    bucketed = make_batches(table, n_batches, args.tasks_per_batch, args.seed, bucketed=True)
     loop_batches = [per_task(b) for b in batches]
     backbone = MeLU(table.schema)
     model = FunctionalModel(backbone, select_parameters(backbone,
@@ -313,6 +413,14 @@ def main(argv: list[str] | None = None) -> dict:
     algo = MAML(inner_steps=args.inner_steps, inner_lr=args.inner_lr)
     steps, lr = args.inner_steps, args.inner_lr
     n_tasks = sum(len(b) for b in batches)
+    assert sorted(torch.cat([b.users for b in bucketed]).tolist()) == \
+        sorted(torch.cat([b.users for b in batches]).tolist()), "bucketing changed the tasks"
+
+    # FLOPs of one pass (forward + backward of every batch's outer loss).
+    flops = {"padded": sum(flops_of(vmap_meta_gradient, model, algo, b) for b in batches),
+             "padded_bucketed": sum(flops_of(vmap_meta_gradient, model, algo, b)
+                                    for b in bucketed),
+             "useful": useful_flops(model, algo, batches)}
 
     worker = None
     tmp = tempfile.TemporaryDirectory(prefix="metarec-bench-")
@@ -333,6 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
         worker = L2LWorker(args.l2l_python, payload, Path(tmp.name) / "l2l_grads.pt", threads,
                            warmup=1, log=Path(tmp.name) / "l2l_worker.log")
 
+    compile_info: dict = {}
     try:
         # Same math: meta-gradients of batch 0 must agree across paths.
         vmap_meta_gradient(model, algo, batches[0])
@@ -340,28 +449,62 @@ def main(argv: list[str] | None = None) -> dict:
         loop_meta_gradient(model, loop_batches[0], steps, lr)
         g_loop = grads_of(backbone)
         checks = {"loop_vs_vmap": compare(g_vmap, g_loop, 1e-4, 1e-6, "loop vs vmap")}
+        # A bucketed batch against the per-task reference on the same tasks.
+        vmap_meta_gradient(model, algo, bucketed[0])
+        g_bucket = grads_of(backbone)
+        loop_meta_gradient(model, per_task(bucketed[0]), steps, lr)
+        checks["loop_vs_vmap_bucketed"] = compare(grads_of(backbone), g_bucket, 1e-4, 1e-6,
+                                                  "loop vs bucketed vmap")
+        paths = {}
+        if args.compile:
+            compiled_batches = [pad_batch(b, args.compile_pad) for b in bucketed]
+            run_compiled = compiled_meta_gradient(model, algo)
+            widths = sorted({int(b.support["mask"].shape[1]) for b in compiled_batches})
+            t0 = time.perf_counter()
+            try:
+                for b in compiled_batches:  # compiles every shape once
+                    run_compiled(b)
+                compile_info["compile_s"] = time.perf_counter() - t0
+                compile_info["graphs"] = len({(b.support["mask"].shape[1],
+                                               b.query["mask"].shape[1])
+                                              for b in compiled_batches})
+                compile_info["support_widths"] = widths
+                run_compiled(compiled_batches[0])
+                checks["compiled_vs_eager_bucketed"] = compare(
+                    g_bucket, grads_of(backbone), 1e-4, 1e-6, "compiled vs eager")
+
+                def time_compiled() -> float:
+                    t0 = time.perf_counter()
+                    for b in compiled_batches:
+                        run_compiled(b)
+                    return time.perf_counter() - t0
+                paths["vmap_compiled"] = time_compiled
+            except Exception as err:  # noqa: BLE001 - report it, keep the eager numbers
+                compile_info["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:400]}"
+                print(f"[warn] torch.compile failed: {compile_info['error']}", file=sys.stderr)
         # Warm-up (first vmap/grad calls are slow: lazy init of torch.func, allocator).
-        for b, tb in zip(batches, loop_batches):
+        for b, bb, tb in zip(batches, bucketed, loop_batches):
             vmap_meta_gradient(model, algo, b)
+            vmap_meta_gradient(model, algo, bb)
             loop_meta_gradient(model, tb, steps, lr)
         if worker is not None:
             l2l_info = worker.ready()
             g_l2l = torch.load(Path(tmp.name) / "l2l_grads.pt")
             checks["l2l_vs_vmap"] = compare(g_vmap, g_l2l, 1e-4, 1e-6, "learn2learn vs vmap")
 
-        def time_vmap() -> float:
-            t0 = time.perf_counter()
-            for b in batches:
-                vmap_meta_gradient(model, algo, b)
-            return time.perf_counter() - t0
+        def timer(fn, items):
+            def run() -> float:
+                t0 = time.perf_counter()
+                for item in items:
+                    fn(item)
+                return time.perf_counter() - t0
+            return run
 
-        def time_loop() -> float:
-            t0 = time.perf_counter()
-            for tb in loop_batches:
-                loop_meta_gradient(model, tb, steps, lr)
-            return time.perf_counter() - t0
-
-        paths = {"vmap": time_vmap, "loop": time_loop}
+        paths = {"vmap": timer(lambda b: vmap_meta_gradient(model, algo, b), batches),
+                 "vmap_bucketed": timer(lambda b: vmap_meta_gradient(model, algo, b), bucketed),
+                 "loop": timer(lambda tb: loop_meta_gradient(model, tb, steps, lr),
+                               loop_batches),
+                 **paths}
         if worker is not None:
             paths["l2l"] = lambda: worker.run()["seconds"]
         names = list(paths)
@@ -376,26 +519,57 @@ def main(argv: list[str] | None = None) -> dict:
         if worker is not None:
             worker.close()
         tmp.cleanup()
+    peak_end = matmul_peak()
+    peak = max(peak_start, peak_end)
 
     rate = {n: [n_tasks / s for s in seconds[n]] for n in names}
     med = {n: statistics.median(rate[n]) for n in names}
+    pass_s = {n: statistics.median(seconds[n]) for n in names}
+    computed = {"vmap": flops["padded"], "vmap_bucketed": flops["padded_bucketed"],
+                "vmap_compiled": flops["padded_bucketed"]}  # compiled: before its extra padding
+    efficiency = {n: flops["useful"] / pass_s[n] / peak for n in names if n != "l2l"}
+    if "l2l" in names:
+        efficiency["l2l"] = flops["useful"] / pass_s["l2l"] / peak
     paired = [v / lo for v, lo in zip(rate["vmap"], rate["loop"])]
+    best = max((n for n in names if n.startswith("vmap")), key=lambda n: med[n])
     result = {
         "vmap_tasks_per_s": med["vmap"],
+        "vmap_bucketed_tasks_per_s": med["vmap_bucketed"],
+        "vmap_compiled_tasks_per_s": med.get("vmap_compiled"),
         "loop_tasks_per_s": med["loop"],
         "l2l_tasks_per_s": med.get("l2l"),
+        "useful_flop_efficiency": efficiency["vmap"],
+        "useful_flop_efficiency_by_path": efficiency,
+        "padded_gflop_per_batch": flops["padded"] / n_batches / 1e9,
+        "padded_gflop_per_batch_bucketed": flops["padded_bucketed"] / n_batches / 1e9,
+        "useful_gflop_per_batch": flops["useful"] / n_batches / 1e9,
+        "useful_fraction": flops["useful"] / flops["padded"],
+        "useful_fraction_bucketed": flops["useful"] / flops["padded_bucketed"],
+        "achieved_gflops_by_path": {n: computed.get(n, flops["useful"]) / pass_s[n] / 1e9
+                                    for n in names},
+        "useful_gflops_by_path": {n: flops["useful"] / pass_s[n] / 1e9 for n in names},
+        "matmul_peak_gflops": peak / 1e9,
+        "matmul_peak_gflops_start_end": [peak_start / 1e9, peak_end / 1e9],
+        "flops_counted": "torch.utils.flop_counter (matrix products: mm, bmm, addmm); "
+                         "elementwise work is not counted",
+        "best_metarec_path": best,
         "speedup_vmap_over_loop": med["vmap"] / med["loop"],
         "speedup_vmap_over_loop_paired_median": statistics.median(paired),
+        "speedup_best_over_loop": med[best] / med["loop"],
+        "speedup_bucketed_over_vmap": med["vmap_bucketed"] / med["vmap"],
         "speedup_vmap_over_l2l": med["vmap"] / med["l2l"] if "l2l" in med else None,
+        "speedup_best_over_l2l": med[best] / med["l2l"] if "l2l" in med else None,
         "speedup_l2l_over_loop": med["l2l"] / med["loop"] if "l2l" in med else None,
-        "seconds_per_batch_median": {n: statistics.median(seconds[n]) / n_batches
-                                     for n in names},
+        "compile": compile_info or None,
+        "seconds_per_batch_median": {n: pass_s[n] / n_batches for n in names},
         **{  # the configuration
             "quick": args.quick, "data": source, "backbone": "melu (embedding_dim 32, "
             "hidden 64-64; fast: decision.*, output.*)", "algorithm": "MAML second order",
             "tasks_per_batch": args.tasks_per_batch, "inner_steps": steps, "inner_lr": lr,
             "batches_per_pass": n_batches, "repeats": repeats, "tasks_per_pass": n_tasks,
             "support_width_per_batch": [int(b.support["mask"].shape[1]) for b in batches],
+            "support_width_per_batch_bucketed": [int(b.support["mask"].shape[1])
+                                                 for b in bucketed],
             "support_sizes_mean": float(torch.cat([b.support["mask"].sum(1) for b in batches])
                                         .float().mean()),
             "query_width_per_batch": [int(b.query["mask"].shape[1]) for b in batches],
@@ -423,15 +597,26 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nmeta-training throughput: MeLU, {args.tasks_per_batch} tasks/batch, {steps} inner "
           f"steps, second-order MAML; {source}; {threads} threads")
     print(f"{n_batches} batches x {repeats} interleaved repeats; support widths "
-          f"{result['support_width_per_batch']}")
-    print(f"{'path':<34}{'tasks/s (median)':>18}{'min':>10}{'max':>10}{'x loop':>9}")
-    labels = {"vmap": "metarec vmapped MAML", "loop": "per-task loop (autograd.grad)",
+          f"{result['support_width_per_batch']} (bucketed "
+          f"{result['support_width_per_batch_bucketed']})")
+    print(f"GFLOP per batch: padded {result['padded_gflop_per_batch']:.2f}, bucketed "
+          f"{result['padded_gflop_per_batch_bucketed']:.2f}, useful "
+          f"{result['useful_gflop_per_batch']:.2f}; float32 matmul peak "
+          f"{result['matmul_peak_gflops']:.0f} GFLOP/s")
+    print(f"{'path':<34}{'tasks/s (median)':>18}{'min':>10}{'max':>10}{'x loop':>9}"
+          f"{'useful eff.':>12}")
+    labels = {"vmap": "metarec vmapped MAML", "vmap_bucketed": "  + bucketed by length",
+              "vmap_compiled": "  + bucketed + torch.compile",
+              "loop": "per-task loop (autograd.grad)",
               "l2l": f"learn2learn MAML (torch {l2l_info.get('torch')})"}
     for n in names:
         print(f"{labels[n]:<34}{med[n]:>18.1f}{min(rate[n]):>10.1f}{max(rate[n]):>10.1f}"
-              f"{med[n] / med['loop']:>9.2f}")
+              f"{med[n] / med['loop']:>9.2f}{efficiency[n]:>12.3f}")
     if "l2l" in med:
-        print(f"vmap / learn2learn: {result['speedup_vmap_over_l2l']:.2f}x")
+        print(f"vmap / learn2learn: {result['speedup_vmap_over_l2l']:.2f}x; best metarec path "
+              f"/ learn2learn: {result['speedup_best_over_l2l']:.2f}x")
+    if compile_info:
+        print("compile: " + json.dumps(compile_info))
     print("meta-gradient checks: " + ", ".join(
         f"{k} max|diff| {v['max_abs_diff']:.2g}" for k, v in checks.items()))
     print(f"wall time {result['wall_seconds']:.1f} s" + (
@@ -446,7 +631,6 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(Path(args.json), result, "quick" if args.quick else "full",
                    omit=("tasks_per_s_runs",))
     return result
-
 
 
 if __name__ == "__main__":
