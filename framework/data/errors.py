@@ -16,6 +16,7 @@ class DataError(ValueError):
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.source, self.line, self.field = source, line, field
+        self.reason = message  # the message without its location prefix
 
 
 class ConfigError(ValueError):

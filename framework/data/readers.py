@@ -20,7 +20,7 @@ _INT64 = 2.0 ** 63
 
 def read_frame(path: str | Path, *, sep: str = ",", names: Sequence[str] | None = None,
                header: bool = True, encoding: str = "utf-8", quotechar: str | None = '"',
-               escapechar: str | None = None) -> pd.DataFrame:
+               escapechar: str | None = None, bad_lines: str = "error") -> pd.DataFrame:
     """Read a CSV/TSV/Parquet file as strings (Parquet keeps its dtypes).
 
     Every column is read as text so that a malformed value is reported by
@@ -29,6 +29,8 @@ def read_frame(path: str | Path, *, sep: str = ",", names: Sequence[str] | None 
     missing, empty (0-byte) or unreadable file and a directory given in place of a file.
     ``sep`` may be several characters (``"::"``, MovieLens-1M). ``quotechar=None`` reads
     quotes as ordinary characters (the default for ``sep="|"``).
+    ``bad_lines="skip"`` leaves rows with the wrong number of fields out instead (for dumps
+    known to hold a few); their lines are in ``attrs['skipped']``.
     The frame's ``attrs['line']`` holds the 1-based file line of every row.
     """
     path = Path(path)
@@ -56,6 +58,11 @@ def read_frame(path: str | Path, *, sep: str = ",", names: Sequence[str] | None 
             raise DataError(f"contains the control character \\x1f; cannot split on {sep!r}",
                             source=str(path))
         source = io.StringIO(text.replace(sep, _UNIT))
+    if bad_lines == "skip":
+        return _read_skipping(path, source, sep if len(sep) == 1 else _UNIT, names, header,
+                              encoding, quotechar, escapechar)
+    if bad_lines != "error":
+        raise ValueError(f"bad_lines must be 'error' or 'skip', got {bad_lines!r}")
     try:
         frame = pd.read_csv(source, sep=sep if len(sep) == 1 else _UNIT,
                             names=list(names) if names else None,
@@ -109,6 +116,44 @@ def _check_short_rows(frame: pd.DataFrame, path: Path, sep: str, encoding: str,
             if found < frame.shape[1]:
                 raise DataError(f"expected {frame.shape[1]} fields, found {found}",
                                 source=str(path), line=number)
+
+
+def _read_skipping(path: Path, source: Path | io.StringIO, sep: str, names: Sequence[str] | None,
+                   header: bool, encoding: str, quotechar: str | None,
+                   escapechar: str | None) -> pd.DataFrame:
+    """``read_frame(bad_lines="skip")``: the csv module, keeping rows of the right width."""
+    columns = list(names) if names else None
+    rows, lines, skipped = [], [], []
+    skip_header = header or columns is None  # without header or names: the first row's width
+    try:
+        with (source if isinstance(source, io.StringIO)
+              else open(source, encoding=encoding, newline="")) as handle:
+            reader = csv.reader(handle, delimiter=sep, quotechar=quotechar or '"',
+                                escapechar=escapechar,
+                                quoting=csv.QUOTE_MINIMAL if quotechar else csv.QUOTE_NONE)
+            start = 1
+            for record in reader:
+                line, start = start, reader.line_num + 1
+                if not any(f.strip() for f in record):
+                    continue  # a blank line
+                if skip_header:
+                    columns, skip_header = columns or (record if header else None), False
+                    if columns is None:  # no header: the first row is data and sets the width
+                        columns = list(range(len(record)))
+                        rows.append(record)
+                        lines.append(line)
+                elif len(record) == len(columns):
+                    rows.append(record)
+                    lines.append(line)
+                else:
+                    skipped.append(line)
+    except UnicodeDecodeError as err:
+        raise DataError(f"not valid {encoding} text ({err.reason})", source=str(path)) from None
+    except csv.Error as err:
+        raise DataError(f"cannot parse: {err}", source=str(path)) from None
+    frame = pd.DataFrame(rows, columns=columns, dtype=str)
+    frame.attrs.update(line=np.asarray(lines, dtype=np.int64), source=str(path), skipped=skipped)
+    return frame
 
 
 def _read_text(path: Path, encoding: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,3 +128,57 @@ def encode_ids(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Map raw ids to contiguous codes. Returns ``(codes, keys)`` with ``keys[codes] == raw``."""
     keys, codes = np.unique(np.asarray(raw), return_inverse=True)
     return codes.astype(np.int64), keys
+
+
+class FilterReport:
+    """What a dataset's filter rules dropped, printed once when the table is loaded.
+
+    Built on the raw rows (``users[i]``, ``items[i]``: any ids); each :meth:`apply` adds a
+    rule's row mask and records the users, items and rows it dropped and kept. :meth:`print`
+    writes a few lines to stderr, once per process for the same report, on the first rank::
+
+        ratings.csv: 50 users, 30 items, 1,000 rows
+          min_item_interactions=5: dropped 0 users, 10 items, 120 rows; kept 50, 20, 880
+    """
+
+    _printed: set[str] = set()
+
+    def __init__(self, source: str, users: np.ndarray, items: np.ndarray) -> None:
+        self.source, self.users, self.items = source, np.asarray(users), np.asarray(items)
+        self.keep = np.ones(len(self.users), dtype=bool)
+        self.lines: list[str] = []
+
+    def counts(self, mask: np.ndarray | None = None) -> tuple[int, int, int]:
+        """(users, items, rows) among the rows of ``mask`` (default: those kept so far)."""
+        mask = self.keep if mask is None else mask
+        return (len(np.unique(self.users[mask])), len(np.unique(self.items[mask])),
+                int(mask.sum()))
+
+    def apply(self, rule: str, mask: np.ndarray) -> np.ndarray:
+        """Keep only the rows where ``mask`` holds too; returns the combined mask."""
+        before = self.counts()
+        self.keep = self.keep & np.asarray(mask, dtype=bool)
+        after = self.counts()
+        users, items, rows = (b - a for b, a in zip(before, after, strict=True))
+        self.lines.append(f"{rule}: dropped {users:,} users, {items:,} items, {rows:,} rows; "
+                          f"kept {after[0]:,}, {after[1]:,}, {after[2]:,}")
+        return self.keep
+
+    def note(self, line: str) -> None:
+        """A line of its own (e.g. rows a parser skipped before the table existed)."""
+        self.lines.append(line)
+
+    def text(self) -> str:
+        users, items, rows = self.counts(np.ones(len(self.users), dtype=bool))
+        head = f"{self.source}: {users:,} users, {items:,} items, {rows:,} rows"
+        return "\n".join([head + ("" if self.lines else " (no filter)"),
+                          *(f"  {line}" for line in self.lines)])
+
+    def print(self) -> None:
+        """Write :meth:`text` to stderr unless this process already did (or is not rank 0)."""
+        text = self.text()
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+        if text in FilterReport._printed or rank not in ("", "0"):
+            return
+        FilterReport._printed.add(text)
+        print(text, file=sys.stderr, flush=True)
