@@ -300,10 +300,10 @@ def _check_coverage(owner: str, path: Path, id_col: str, ids: np.ndarray, keys: 
     """A feature file must describe the log's entities: none matched is an error (with the
     usual cause, ``1.0`` vs ``1``, spelled out), fewer than half a warning."""
     matched, total = int(present.sum()), len(keys)
+    ids, keys = [str(i) for i in ids[:100]], [str(k) for k in keys[:100]]
     if matched == 0:
         hint = ""
-        if any(_FLOAT_ID.match(i) for i in ids[:100]) and not any(_FLOAT_ID.match(k)
-                                                                  for k in keys[:100]):
+        if any(map(_FLOAT_ID.match, ids)) and not any(map(_FLOAT_ID.match, keys)):
             hint = (f"; its ids look float-formatted ({ids[0]!r} vs {keys[0]!r}): write "
                     f"{id_col} as integers")
         raise DataError(f"none of the {total:,} {owner} ids of the log has a row here (log ids "
