@@ -73,23 +73,56 @@ class _EpochSampler(DistributedSampler):
     process). The last ``n mod W`` positions of the order are left out, so that no task is seen
     twice in an epoch and every rank runs the same number of steps; the rotation makes a
     different tail sit out each epoch when the order is fixed. ``start`` skips that many of
-    this rank's indices in the next pass only (set when resuming mid-epoch)."""
+    this rank's indices in the next pass only (set when resuming mid-epoch). ``sizes`` (a
+    tensor of task sizes, or a function of the epoch giving them) turns on length bucketing:
+    see :meth:`_bucketed`."""
 
     def __init__(self, n: int, num_replicas: int, rank: int, shuffle: bool, seed: int,
-                 with_epoch: bool = False) -> None:
+                 with_epoch: bool = False,
+                 sizes: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
+                 batch_size: int = 1) -> None:
         super().__init__(_TaskIndices(n), num_replicas=num_replicas, rank=rank,
                          shuffle=shuffle, seed=seed, drop_last=True)
         self.start = 0
         self.with_epoch = with_epoch  # yield (task, epoch) keys, for per-epoch episode draws
+        if isinstance(sizes, torch.Tensor) and len(sizes) != n:
+            raise ValueError(f"bucketing needs one size per task: {len(sizes)} for {n} tasks")
+        self.sizes, self.batch_size = sizes, batch_size
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> torch.Tensor:
+        """This epoch's order of all tasks (before sharding)."""
         n = len(self.dataset)
+        generator = None
         if self.shuffle:
             generator = torch.Generator()
             generator.manual_seed(self.seed + self.epoch)
             order = torch.randperm(n, generator=generator)
         else:
             order = torch.arange(n).roll(-(self.epoch * (n % self.num_replicas)) % max(n, 1))
+        return order if self.sizes is None else self._bucketed(order, generator)
+
+    def _bucketed(self, order: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """``order`` regrouped by task size (``data.bucket_by_length``).
+
+        The last ``n mod (W * batch_size)`` tasks of ``order`` (random when shuffling) form the
+        epoch's last, short step; the others are sorted by size (stable: ties keep their random
+        order) and cut into global batches of ``W * batch_size`` consecutive tasks, whose order
+        is shuffled. Rank ``r`` takes positions ``r, r + W, ...``, so each of its batches is
+        ``batch_size`` tasks of one global batch: tasks of similar sizes, padded to little more
+        than their own length. Still a permutation: every task once per epoch.
+        """
+        step = self.num_replicas * self.batch_size
+        full = len(order) - len(order) % step
+        head, tail = order[:full], order[full:]
+        sizes = self.sizes(self.epoch) if callable(self.sizes) else self.sizes
+        head = head[torch.sort(sizes[head], stable=True).indices]
+        chunks = head.reshape(-1, step) if full else head.reshape(0, step)
+        if generator is not None:
+            chunks = chunks[torch.randperm(len(chunks), generator=generator)]
+        return torch.cat([chunks.reshape(-1), tail])
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order()
         shard = order[:self.total_size][self.rank:self.total_size:self.num_replicas].tolist()
         start, self.start = self.start, 0
         if self.with_epoch:
@@ -199,6 +232,18 @@ class EpisodeDataModule(pl.LightningDataModule):
         resample_query: also redraw each episode's query (``tasks.query_size`` interactions
             from the task's whole pool, the support from the rest). Evaluation tasks keep
             their fixed queries either way.
+        bucket_by_length: length-bucketed meta-training batches: each epoch, the tasks are
+            sorted by support size (ties in random order) and cut into batches, and the batches
+            are shuffled, so a batch is padded only to about its own tasks' length instead of to
+            the longest of a random draw. Every task is still seen exactly once per epoch, in an
+            order fixed by the seed and the epoch (resume and DDP as without it; under DDP each
+            step's tasks across ranks are one size group); with ``train_support`` the sizes are
+            those of the epoch's episodes. The meta-gradient of a batch is unchanged (padding is
+            masked); what changes is which tasks share a batch. Off by default.
+        multihot_bags: multi-hot features as bags of category ids (``(..., L)`` int64, -1
+            padding; see :mod:`metarec.data.episodes`) instead of dense 0/1 vectors, for every
+            split; the built-in backbones gather them sparsely, with the same values. Off by
+            default (a third-party backbone may expect the dense form).
         split_file: read the users of each split and every task's query items from this file
             (written by ``metarec export-split``, or by another library in the same JSON
             format: :func:`metarec.contract.write_split_file`), instead of drawing them; the
@@ -213,7 +258,8 @@ class EpisodeDataModule(pl.LightningDataModule):
                  folds: int | None = None, fold: int = 0,
                  eval_support: list[PositiveInt | None] | None = None,
                  train_support: tuple[PositiveInt, PositiveInt] | None = None,
-                 resample_query: bool = False, split_file: str | None = None) -> None:
+                 resample_query: bool = False, split_file: str | None = None,
+                 bucket_by_length: bool = False, multihot_bags: bool = False) -> None:
         super().__init__()
         # Stored in checkpoints (``datamodule_hyper_parameters``); the loggers get the recipe.
         self.save_hyperparameters(logger=False)
@@ -237,6 +283,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             train_support = (lo, hi)
         self.train_support, self.resample_query = train_support, bool(resample_query)
         self.split_file = split_file
+        self.bucket_by_length, self.multihot_bags = bool(bucket_by_length), bool(multihot_bags)
         self.folds, self.fold = folds, fold
         self.eval_support = None if eval_support is None else [
             None if k is None else int(k) for k in eval_support]
@@ -290,15 +337,16 @@ class EpisodeDataModule(pl.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         tasks = self.splits[split]
         episodic = split == "train" and (self.train_support is not None or self.resample_query)
+        bags = self.multihot_bags
         if split != "train" and self.eval_support is not None:
             collate = SupportSweepCollator(tasks, self.table, self.eval_support,
-                                           self.history_length)
+                                           self.history_length, bags)
         elif episodic:
             collate = EpisodicCollator(tasks, self.table, self.train_support,
                                        self.resample_query, self.order_seed(),
-                                       self.history_length)
+                                       self.history_length, bags)
         else:
-            collate = EpisodeCollator(tasks, self.table, self.history_length)
+            collate = EpisodeCollator(tasks, self.table, self.history_length, bags)
         # Loaders own their generator: creating an iterator draws its workers' base seed, which
         # would otherwise come from (and advance) the global torch RNG.
         common = dict(num_workers=self.num_workers, collate_fn=collate,
@@ -324,8 +372,11 @@ class EpisodeDataModule(pl.LightningDataModule):
         if len(tasks) < world:
             raise ValueError(f"data: {len(tasks)} meta-training task(s) cannot be shared by {world} "
                              "ranks (each rank needs at least one); use more users or fewer ranks")
+        sizes = None
+        if self.bucket_by_length:
+            sizes = collate.support_sizes if episodic else tasks.support_mask.sum(1)
         sampler = _EpochSampler(len(tasks), world, rank, self.shuffle, self.order_seed(),
-                                with_epoch=episodic)
+                                with_epoch=episodic, sizes=sizes, batch_size=self.batch_size)
         return ResumableLoader(_TaskIndices(len(tasks)), sampler=sampler,
                                batch_size=self.batch_size, **common)
 

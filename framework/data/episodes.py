@@ -4,7 +4,11 @@ A batch's ``support`` and ``query`` are plain dicts (pytrees), so they pass stra
 ``torch.func.vmap`` and Lightning's device transfer. Keys:
 
 - ``"user_id"``, ``"item_id"``: ``(B, N)`` contiguous ids;
-- ``"user.<name>"`` / ``"item.<name>"``: features, ``(B, N)`` codes or ``(B, N, K)`` multi-hot;
+- ``"user.<name>"`` / ``"item.<name>"``: features, ``(B, N)`` codes or ``(B, N, K)`` multi-hot
+  (0/1 floats); with ``bags`` (``data.multihot_bags``, opt-in) a multi-hot feature is instead
+  the bag of its active category ids, ``(B, N, L)`` int64 padded with -1 (``L``: the most
+  categories of any row of the table; :func:`to_bags`), which the built-in backbones gather
+  sparsely (same values);
 - ``"label"`` ``(B, N)`` float, ``"mask"`` ``(B, N)`` bool, ``"time"`` ``(B, N)`` int64;
 - with ``history_length`` set (opt-in), each slot's history: ``"history.item_id"`` ``(B, N, H)``
   long, ``"history.label"`` ``(B, N, H)`` float, ``"history.mask"`` ``(B, N, H)`` bool and
@@ -60,13 +64,18 @@ class EpisodeCollator:
     """
 
     def __init__(self, tasks: TaskSet, table: InteractionTable,
-                 history_length: int | None = None) -> None:
+                 history_length: int | None = None, bags: bool = False) -> None:
         if history_length is not None and history_length < 1:
             raise ValueError(f"data.history_length must be >= 1 or null, got {history_length}")
         self.tasks = tasks
         self.history_length = history_length
-        self.user_features = {f.spec.key: torch.from_numpy(f.values) for f in table.user_features}
-        self.item_features = {f.spec.key: torch.from_numpy(f.values) for f in table.item_features}
+        self.bags = bags
+
+        def values(f) -> torch.Tensor:
+            v = torch.from_numpy(f.values)
+            return to_bags(v) if bags and f.spec.kind == "multihot" else v
+        self.user_features = {f.spec.key: values(f) for f in table.user_features}
+        self.item_features = {f.spec.key: values(f) for f in table.item_features}
         if history_length is not None:
             # Histories rely on each task's support being stored oldest first (see _pad_split).
             t, m = tasks.support_times, tasks.support_mask
@@ -145,16 +154,36 @@ class SupportSweepCollator:
     """
 
     def __init__(self, tasks: TaskSet, table: InteractionTable, caps: list[int | None],
-                 history_length: int | None = None) -> None:
+                 history_length: int | None = None, bags: bool = False) -> None:
         labels = [support_label(k) for k in caps]
         if not caps or len(set(labels)) != len(labels):
             raise ValueError(f"data.eval_support must list distinct caps (ints >= 1 or null), "
                              f"got {caps}")
-        self.collators = {label: EpisodeCollator(tasks.capped(k), table, history_length)
+        self.collators = {label: EpisodeCollator(tasks.capped(k), table, history_length, bags)
                           for label, k in zip(labels, caps)}
 
     def __call__(self, indices: list[int] | torch.Tensor) -> dict[str, EpisodeBatch]:
         return {label: collate(indices) for label, collate in self.collators.items()}
+
+
+def to_bags(dense: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Dense 0/1 multi-hot rows ``(n, K)`` as bags ``(n, L)`` of their active category ids,
+    ascending, padded with -1; ``L`` = ``width`` or the most active categories of any row (at
+    least 1). The inverse of the dense form: a backbone reads either (the same values)."""
+    active = dense != 0
+    count = int(active.sum(-1).max()) if active.numel() else 0
+    width = max(count, 1) if width is None else width
+    if count > width:
+        raise ValueError(f"a row has {count} active categories, more than the bag width {width}")
+    k = dense.shape[-1]
+    # Active ids first (ascending), then the inactive ones; keep the first `width`.
+    key = torch.where(active, torch.arange(k), k + torch.arange(k))
+    order = torch.sort(key, dim=-1).values[..., :width]
+    bags = torch.where(order < k, order, torch.full_like(order, -1))
+    if bags.shape[-1] < width:
+        bags = torch.cat([bags, bags.new_full((*bags.shape[:-1], width - bags.shape[-1]), -1)],
+                         -1)
+    return bags
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:
@@ -192,10 +221,27 @@ class EpisodicCollator(EpisodeCollator):
 
     def __init__(self, tasks: TaskSet, table: InteractionTable,
                  support_range: tuple[int, int] | None, resample_query: bool, seed: int,
-                 history_length: int | None = None) -> None:
-        super().__init__(tasks, table, history_length)
+                 history_length: int | None = None, bags: bool = False) -> None:
+        super().__init__(tasks, table, history_length, bags)
         self.support_range, self.resample_query, self.seed = support_range, resample_query, seed
         self.query_size = int(tasks.query_mask.sum(1).max()) if len(tasks) else 0
+
+    def support_sizes(self, epoch: int) -> torch.Tensor:
+        """Every task's support size in its episode of ``epoch`` (what ``__call__`` draws), for
+        length-bucketed batching."""
+        t = self.tasks
+        idx = torch.arange(len(t))
+        epochs = torch.full_like(idx, epoch)
+        sizes = t.support_mask.sum(1)
+        if self.resample_query:
+            pool = sizes + t.query_mask.sum(1)
+            sizes = pool - pool.clamp(max=self.query_size)
+        if self.support_range is not None:
+            lo, hi = self.support_range
+            k = lo + (episode_uniforms(self.seed, epochs, idx, 1, stream=2)[:, 0]
+                      * (hi - lo + 1)).long()
+            sizes = torch.minimum(sizes, k)
+        return sizes
 
     def __call__(self, keys: list[tuple[int, int]] | torch.Tensor) -> EpisodeBatch:  # type: ignore[override]
         keys = torch.as_tensor(keys, dtype=torch.long).reshape(-1, 2)

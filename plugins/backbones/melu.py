@@ -1,7 +1,8 @@
 """MeLU backbone (Lee et al., KDD 2019: "MeLU: Meta-Learned User Preference Estimator").
 
 User and item side information is embedded (one table per categorical feature; multi-hot
-features such as genres are the mean of their category embeddings), the user and item
+features such as genres are the mean of their category embeddings, given as 0/1 vectors or as
+bags of category ids: :mod:`metarec_plugins.backbones.bags`), the user and item
 embeddings are concatenated and passed through the *decision layers* (an MLP) and a linear
 *output layer*. As in the paper, only the decision and output layers adapt per task (fast);
 the embeddings are global (slow). Optional id embeddings (``use_ids``) are slow as well.
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from metarec import ENCODED, Backbone, DataSchema, PositiveInt
+from metarec_plugins.backbones.bags import bag_mean, is_bag
 
 
 class MeLU(Backbone):
@@ -70,7 +72,9 @@ class MeLU(Backbone):
             x = features[spec.key]
             if spec.kind == "categorical":
                 parts.append(table(x))
-            else:  # mean of the embeddings of the active categories
+            elif is_bag(x):  # mean of the embeddings of the active categories: a gather
+                parts.append(bag_mean(x, table.weight.t()))
+            else:  # the same mean from a dense 0/1 vector
                 x = x.to(table.weight.dtype)
                 parts.append(table(x) / x.sum(-1, keepdim=True).clamp_min(1.0))
         if self.use_ids:

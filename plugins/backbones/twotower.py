@@ -32,19 +32,21 @@ import torch
 from torch import nn
 
 from metarec import Backbone, DataSchema, FeatureSpec, PositiveFloat, PositiveInt
+from metarec_plugins.backbones.bags import bag_mean
 from metarec_plugins.backbones.lora import LoRALinear, add_lora
 
 
 class MultiHotEmbedding(nn.Module):
-    """Mean of the embeddings of the active categories of a 0/1 vector (zeros when none)."""
+    """Mean of the embeddings of the active categories (zeros when none), of a 0/1 vector
+    ``(*lead, K)`` or of a bag of category ids ``(*lead, L)`` padded with -1 (a sparse gather,
+    :func:`metarec_plugins.backbones.bags.bag_mean`)."""
 
     def __init__(self, cardinality: int, dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(cardinality, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.weight.dtype)
-        return (x @ self.weight) / x.sum(-1, keepdim=True).clamp_min(1.0)
+        return bag_mean(x, self.weight)
 
 
 class FeatureEmbeddings(nn.Module):
