@@ -38,15 +38,39 @@ def building_for_inference() -> bool:
     return _FOR_INFERENCE.get()
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a metarec (Lightning) checkpoint; a clear error if it is missing or foreign."""
+class CheckpointError(ConfigError):
+    """A file that is not a readable metarec checkpoint (the CLI: one line, exit status 2)."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``: tensors, containers and the few metarec types
+    allow-listed for it (:mod:`metarec.schema`, :mod:`metarec.metrics`, ...), never code. A file
+    that does not load that way (a pickle carrying code, or not a checkpoint at all) is a
+    :class:`CheckpointError` that names it; nothing in it runs."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "Weights only load failed" in first:
+            first = "it holds objects other than tensors and plain data (refused unread)"
+        raise CheckpointError(f"{path} is not a metarec checkpoint: {first}") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a metarec checkpoint (it holds a "
+                              f"{type(ckpt).__name__}, not a checkpoint dict)")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a metarec (Lightning) checkpoint; a clear error if it is missing or foreign
+    (``FileNotFoundError``, :class:`CheckpointError`)."""
+    ckpt = read_checkpoint(path)
     hparams = ckpt.get("hyper_parameters", {})
-    if "schema" not in hparams or "backbone" not in hparams:
-        raise ValueError(f"{path} is not a metarec checkpoint (no backbone/schema hyperparameters)")
+    if not isinstance(hparams, dict) or "schema" not in hparams or "backbone" not in hparams:
+        raise CheckpointError(f"{path} is not a metarec checkpoint (no backbone/schema "
+                              "hyperparameters)")
     return ckpt
 
 
@@ -62,16 +86,18 @@ def load_backbone(path: str | Path) -> Backbone:
     return backbone.eval()
 
 
-def train_recipe(recipe: str | Path, checkpoint: str | Path, overrides: list[str] | None = None) -> Path:
-    """Run ``metarec fit`` on ``recipe`` (quietly) and save the final model to ``checkpoint``.
+def train_recipe(recipe: str | Path, checkpoint: str | Path, overrides: list[str] | None = None,
+                 progress_bar: bool = False) -> Path:
+    """Run ``metarec fit`` on ``recipe`` (quietly; with ``progress_bar``, Lightning's progress
+    bar only) and save the final model to ``checkpoint``.
 
     Used for stages such as a distillation teacher named in another recipe.
     """
-    from metarec.cli import MetarecCLI
+    from metarec.lightning_cli import MetarecCLI
 
     quiet = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-             "--trainer.callbacks", "[]"]
+             "--trainer.enable_progress_bar", "true" if progress_bar else "false",
+             "--trainer.enable_model_summary", "false", "--trainer.callbacks", "[]"]
     cli = MetarecCLI(args=["--config", str(recipe), *quiet, *(overrides or [])], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     checkpoint = Path(checkpoint)

@@ -1,22 +1,39 @@
-"""The ``metarec`` command: LightningCLI (fit/validate/test/predict) plus ``metarec plugins``."""
+"""The ``metarec`` command: one jsonargparse parser for every subcommand.
+
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's (:class:`MetarecCLI`, in
+:mod:`metarec.lightning_cli`); ``export-split`` takes a recipe like them; ``plugins``, ``adapt``
+and ``simulate`` are registered on the same parser (as anomalib registers its extra
+subcommands), each with typed arguments, ``--config`` files and ``--print_config``.
+
+Nothing here imports torch or Lightning at module level: ``metarec --help``, ``metarec
+plugins`` and the other commands that do not train answer without loading Lightning. For
+those, :func:`main` builds the same top-level parser with the Lightning subcommands listed but
+not expanded (their arguments are listed by ``metarec fit --help``, which builds the full one).
+
+User errors (a bad recipe key or value, a data file, a plugin, a checkpoint) are one short
+message on stderr and exit status 2; ``METAREC_TRACEBACK=1`` shows the traceback as well.
+Warnings that say nothing to a metarec user are hidden; ``metarec --verbose ...`` (or
+``METAREC_VERBOSE=1``) shows them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
+import re
 import sys
-from pathlib import Path
+import warnings
+from collections.abc import Sequence
 from typing import Any, Literal
 
-import lightning.pytorch as pl
-import torch
 import yaml
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from metarec import contract, registry
-from metarec.data.tasks import TaskConfig
-from metarec.datamodule import EpisodeDataModule
-from metarec.module import MetaLearner
+from metarec import registry
+
+if False:  # pragma: no cover - for readers: the Lightning classes live in metarec.lightning_cli
+    from metarec.lightning_cli import MetarecCLI  # noqa: F401
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     # validate/test adapt with gradients: inference_mode would kill the inner loop.
@@ -25,10 +42,12 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 # Defaults given as configs (class_path/init_args), set on the parser so that they are
 # instantiated like a recipe's own and a recipe's trainer.logger / trainer.callbacks replace them.
+# A fit puts the default loggers and checkpoints in one run folder, {default_root_dir}/{run}/
+# (see metarec.lightning_cli.MetarecCLI.run_folder).
 PARSER_DEFAULTS: dict[str, Any] = {
     "trainer.logger": [
         {"class_path": "metarec.loggers.WandbLogger", "init_args": {"save_dir": "runs"}},
-        {"class_path": "lightning.pytorch.loggers.CSVLogger",
+        {"class_path": "metarec.loggers.CSVLogger",
          "init_args": {"save_dir": "runs", "name": "csv"}},
     ],
     "trainer.callbacks": [
@@ -45,13 +64,201 @@ PARSER_DEFAULTS: dict[str, Any] = {
     ],
 }
 
+# The subcommands, in the order --help lists them. The first five take a recipe (the Lightning
+# arguments: trainer, model, data); the others have their own arguments.
+LIGHTNING_COMMANDS: dict[str, str] = {
+    "fit": "Meta-train a model on a recipe (validates on new users every epoch).",
+    "validate": "Evaluate a model (or a checkpoint) on the validation users.",
+    "test": "Evaluate a model (or a checkpoint) on the test users, before and after adaptation.",
+    "predict": "Write each test user's adapted top-k (JSON Lines) from a checkpoint.",
+}
+RECIPE_COMMANDS: dict[str, str] = {
+    **LIGHTNING_COMMANDS,
+    "export-split": "Write a recipe's or a checkpoint's user split (users, queries, raw ids).",
+}
+EXTRA_COMMANDS: dict[str, str] = {
+    "plugins": "List the registered plugins, or describe one: metarec plugins maml.",
+    "adapt": "Adapt users of an interactions file with a checkpoint; top-k as JSON Lines.",
+    "simulate": "Replay held-out users' feedback through adaptation policies (curves.csv/png).",
+}
+COMMANDS: dict[str, str] = {**RECIPE_COMMANDS, **EXTRA_COMMANDS}
+DESCRIPTION = ("metarec: meta-learning and fast adaptation for recommender systems. "
+               "`metarec COMMAND --help` lists a command's options.")
+# Old spellings, still accepted (with a note on stderr).
+DEPRECATED_FLAGS: dict[str, dict[str, str]] = {
+    "adapt": {"--ckpt": "--ckpt_path", "--policy-args": "--policy_args",
+              "--include-seen": "--include_seen", "--batch-users": "--batch_users"},
+}
+
+
+# -- parsing ------------------------------------------------------------------------------
+
+def short_message(message: str) -> str:
+    """jsonargparse's error, without the union/subtype detail: at most a few lines."""
+    lines = [line.rstrip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return str(message)
+    if any("Does not validate against any of the Union subtypes" in line for line in lines):
+        given = next((line.strip() for line in lines if line.strip().startswith("Given value:")),
+                     "")
+        expected = [m.group(1) for line in lines
+                    for m in [re.search(r"Expected an? (.+?)\.?$", line.strip())] if m]
+        head = lines[0].rstrip(":")
+        names = ", ".join(dict.fromkeys(re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", e)
+                                        for e in expected))
+        return f"{head}: expected {names or 'another type'}" + (f" ({given})" if given else "")
+    if len(lines) == 2 and lines[0].endswith(":"):  # 'Parser key "k":' + the reason
+        return f"{lines[0]} {lines[1].strip()}"
+    return "\n".join(lines)
+
+
+def _known_options(parser: Any) -> list[str]:
+    options: list[str] = []
+    for action in getattr(parser, "_actions", []):
+        options.extend(s for s in action.option_strings if s.startswith("--"))
+    return options
+
+
+def did_you_mean(message: str, parser: Any) -> str:
+    """`` (did you mean --trainer.max_epochs?)`` for an unknown option or key in ``message``."""
+    found = re.search(r"unrecognized arguments: (--[\w.\-]+)", message, re.I) or \
+        re.search(r"does not accept (?:option|key)s? '([\w.\-]+)'", message) or \
+        re.search(r"Key '([\w.\-]+)' is not expected", message) or \
+        re.search(r"No action for key \"?'?([\w.\-]+)", message)
+    if not found:
+        return ""
+    wrong = found.group(1).lstrip("-")
+    options = [o[2:] for o in _known_options(parser)]
+    guess = difflib.get_close_matches(wrong, options, n=1, cutoff=0.75)
+    return f" (did you mean --{guess[0]}?)" if guess else ""
+
+
+class ShortErrors:
+    """An argument parser whose errors are one short message and exit status 2: no usage dump,
+    a "did you mean" for a mistyped option, the traceback with ``METAREC_TRACEBACK=1``."""
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if not getattr(self, "exit_on_error", True) or os.environ.get("METAREC_TRACEBACK") \
+                or os.environ.get("JSONARGPARSE_DEBUG"):
+            return super().error(message, ex)  # type: ignore[misc]
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = str(getattr(parser, "prog", "metarec")).replace(" [options]", "")
+        text = short_message(message) + did_you_mean(message, parser)
+        sys.stderr.write(f"{prog}: error: {text}\n"
+                         f"(`{prog} --help` lists the accepted options)\n")
+        raise SystemExit(2)
+
+
+def _parser_class() -> type:
+    from jsonargparse import ArgumentParser
+
+    return type("MetarecParser", (ShortErrors, ArgumentParser), {})
+
+
+def new_parser(**kwargs: Any) -> Any:
+    """A jsonargparse parser with metarec's settings: no abbreviated options, short errors, a
+    ``-c/--config`` file option (and so ``--print_config``)."""
+    from jsonargparse import ActionConfigFile
+
+    kwargs.setdefault("allow_abbrev", False)
+    kwargs.setdefault("parser_mode", "omegaconf")
+    parser = _parser_class()(**kwargs)
+    parser.add_argument("-c", "--config", action=ActionConfigFile,
+                        help="Path to a configuration file in json or yaml format.")
+    return parser
+
+
+def add_plugins_arguments(parser: Any) -> None:
+    parser.add_argument("name", nargs="?", type=str | None, default=None,
+                        help="a plugin alias (maml, finetune, ...), or a kind (algorithms, "
+                             "backbones, policies, datasets): describe it; none: list all")
+
+
+def add_adapt_arguments(parser: Any) -> None:
+    from metarec.ranges import PositiveInt
+
+    parser.add_argument("--ckpt_path", type=str, required=True,
+                        help="checkpoint made by metarec fit")
+    parser.add_argument("--interactions", type=str, required=True,
+                        help="CSV/Parquet file with columns user,item,label[,timestamp]")
+    parser.add_argument("--k", type=PositiveInt, default=10, help="recommendations per user")
+    parser.add_argument("--policy", type=str | None, default=None,
+                        help="adaptation policy (default: the checkpoint's)")
+    parser.add_argument("--policy_args", type=dict | None, default=None,
+                        help="policy arguments, e.g. '{steps: 5}'")
+    parser.add_argument("--include_seen", type=bool, default=False,
+                        help="also recommend items the user has interacted with")
+    parser.add_argument("--batch_users", type=PositiveInt, default=1024,
+                        help="users adapted per vmapped call")
+    parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--seed", type=int | None, default=None)
+
+
+def add_command_parsers(subcommands: Any, stub: bool = False) -> dict[str, Any]:
+    """Register ``plugins``, ``adapt`` and ``simulate`` on ``subcommands`` (a jsonargparse
+    subcommands action); with ``stub``, the recipe commands too, without their arguments (what
+    ``metarec --help`` needs). Returns the parsers by name."""
+    from metarec.simulate import add_simulate_arguments
+
+    parsers = {}
+    if stub:
+        for name, text in RECIPE_COMMANDS.items():
+            parsers[name] = new_parser(prog=f"metarec {name}", description=text)
+            subcommands.add_subcommand(name, parsers[name], help=text)
+    adders = {"plugins": add_plugins_arguments, "adapt": add_adapt_arguments,
+              "simulate": add_simulate_arguments}
+    for name, add in adders.items():
+        parsers[name] = new_parser(prog=f"metarec {name}", description=EXTRA_COMMANDS[name])
+        add(parsers[name])
+        subcommands.add_subcommand(name, parsers[name], help=EXTRA_COMMANDS[name])
+    return parsers
+
+
+def top_parser() -> Any:
+    """The ``metarec`` parser without Lightning: every subcommand listed, the extra ones with
+    their arguments (see the module doc)."""
+    parser = new_parser(prog="metarec", description=DESCRIPTION)
+    add_verbose_argument(parser)
+    subcommands = parser.add_subcommands(required=True, dest="subcommand")
+    add_command_parsers(subcommands, stub=True)
+    return parser
+
+
+def add_verbose_argument(parser: Any) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every warning (also METAREC_VERBOSE=1) and tracebacks of "
+                             "errors (also METAREC_TRACEBACK=1)")
+
+
+def run_command(name: str, config: Any) -> None:
+    """Run ``plugins``, ``adapt`` or ``simulate`` with its parsed arguments."""
+    if name == "plugins":
+        name_arg = config.get("name")
+        if name_arg:
+            print(describe_plugins(name_arg))
+        else:
+            print_plugins()
+    elif name == "adapt":
+        from metarec.adapter import adapt_command
+
+        adapt_command(config)
+    elif name == "simulate":
+        from metarec.simulate import simulate_command
+
+        simulate_command(config)
+    else:  # pragma: no cover
+        raise ValueError(f"not a metarec command: {name}")
+
+
+# -- what the recipe commands share (used by metarec.lightning_cli) -----------------------
 
 def resolved_recipe(parser: Any, config: Any) -> dict[str, Any]:
     """The recipe as resolved (config files, overrides and defaults), a plain dict without
-    ``config`` and the subcommand's own arguments (``ckpt_path``, ``weights_only``): what
+    ``config`` and the subcommand's own arguments (``ckpt_path``, ``weights_only``, ...): what
     ``metarec fit --config`` (or any other subcommand) would rerun."""
     recipe = yaml.safe_load(parser.dump(config, skip_none=False))
-    for key in ("config", "ckpt_path", "weights_only", "allow_train_users"):
+    for key in ("config", "ckpt_path", "weights_only", "allow_train_users", "verbose",
+                "return_predictions", "predictions", "out"):
         recipe.pop(key, None)
     return recipe
 
@@ -90,6 +297,8 @@ def checkpoint_defaults(ckpt: dict[str, Any], current: dict[str, Any], given: se
     "data": ...}`` for ``parse_object``; ``notices`` for recipe values the checkpoint replaced;
     ``problems`` for command-line values that would change the trained architecture.
     """
+    from metarec import contract
+
     sections = {"model": dict(ckpt.get("hyper_parameters") or {}),
                 "data": dict(ckpt.get("datamodule_hyper_parameters") or {})}
     sections["model"].pop("schema", None)  # linked from the data
@@ -104,7 +313,7 @@ def checkpoint_defaults(ckpt: dict[str, Any], current: dict[str, Any], given: se
             now = contract.plain((current.get(section) or {}).get(key))
             inner = sorted(g for g in given if g.startswith(dotted + "."))
             if dotted in given:
-                if dotted in ARCHITECTURE_KEYS and now != value:
+                if dotted in ARCHITECTURE_KEYS and not _same_plugin_args(now, value):
                     problems.append(f"--{dotted} {now!r} differs from the checkpoint's "
                                     f"{value!r}: it would change the trained model")
                 continue  # the command line wins
@@ -119,152 +328,23 @@ def checkpoint_defaults(ckpt: dict[str, Any], current: dict[str, Any], given: se
                         node = node.get(part) if isinstance(node, dict) else None
                     _set_path(merged, path, node)
                 value = merged
-            elif now is not None and now != value:
+            elif now is not None and now != value and not _filled_defaults_only(now, value):
                 notices.append(f"{dotted} = {value!r} from the checkpoint (the recipe says "
                                f"{now!r}; pass --{dotted} to override)")
             values[section][key] = value
     return values, notices, problems
 
 
-class RecipeToLoggers(SaveConfigCallback):
-    """Saves the resolved recipe beside the logs and records it as every logger's config."""
-
-    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        recipe = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
-        recipe.pop("config", None)
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"recipe": recipe})
+def _same_plugin_args(now: Any, saved: Any) -> bool:
+    return now == saved or _filled_defaults_only(now, saved)
 
 
-class MetarecCLI(LightningCLI):
-    """LightningCLI for MetaLearner + EpisodeDataModule, OmegaConf recipes, seeded by default."""
-
-    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
-        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
-        kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("save_config_callback", RecipeToLoggers)
-        super().__init__(MetaLearner, EpisodeDataModule, args=args, run=run,
-                         auto_configure_optimizers=False, **kwargs)
-
-    def parse_arguments(self, parser: Any, args: Any) -> None:
-        # Kept to tell what the command line sets explicitly from what a --config file sets.
-        self._argv = [str(a) for a in (sys.argv[1:] if args is None else args)] \
-            if not isinstance(args, dict) else []
-        super().parse_arguments(parser, args)
-
-    def _parse_ckpt_path(self) -> None:
-        """With ``--ckpt_path``: the checkpoint's model and data settings become the defaults
-        (they replace the recipe file's), and what the command line sets wins over them, except
-        where it would change the trained architecture (an error). Replaces Lightning's own,
-        which applies the checkpoint's hyperparameters over the command line (so ``--model.*``
-        overrides were silently lost: Lightning issues #20801, #20310)."""
-        self._ckpt: dict[str, Any] | None = None
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        path = self.config[subcommand].get("ckpt_path")
-        if not path or not Path(path).is_file():
-            return
-        ckpt = torch.load(path, weights_only=True, map_location="cpu")
-        self._ckpt = {k: ckpt.get(k) for k in ("metarec_split", "metarec_data")}
-        config = self.config[subcommand]
-        current = {section: yaml.safe_load(self._parser(subcommand).dump(
-            config, skip_none=False)).get(section) or {} for section in ("model", "data")}
-        given = command_line_keys(self._argv)
-        values, notices, problems = checkpoint_defaults(ckpt, current, given)
-        if problems:
-            self._exit(subcommand, "the command line changes the checkpoint's model:\n  "
-                       + "\n  ".join(problems) + "\n  (evaluation may change model.policy, "
-                       "model.policy_args, model.metrics, model.divergence)")
-        for line in notices:
-            print(f"metarec {subcommand}: {line}", file=sys.stderr)
-        self.config = self.parser.parse_object({subcommand: values}, self.config)
-
-    @staticmethod
-    def _exit(subcommand: str, message: str) -> None:
-        """A usage error: one short message on stderr, exit status 2, no traceback."""
-        print(f"metarec {subcommand}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-    def _check_contract(self) -> None:
-        """Stop when the users to evaluate were meta-training users of the checkpoint."""
-        split = EVALUATION_SUBCOMMANDS[self.subcommand]
-        saved = (getattr(self, "_ckpt", None) or {})
-        splits = self.datamodule.splits
-        n = contract.trained_on(saved, splits, self.datamodule.table.user_keys, split)
-        if n is None:
-            return  # no checkpoint, or one written before checkpoints carried their split
-        allowed = self.config[self.subcommand].get("allow_train_users")
-        if n and not allowed:
-            self._exit(self.subcommand, f"{n} of the {len(splits[split])} {split} users were "
-                       "meta-training users of the checkpoint (the data settings differ from "
-                       "the ones it was fit with: data.seed, data.fold, data.tasks or the data "
-                       "set); drop the --data overrides to use the checkpoint's split, or pass "
-                       "--allow_train_users true to evaluate anyway")
-        if n:
-            print(f"metarec {self.subcommand}: warning: {n} {split} users were meta-training "
-                  "users (allowed by --allow_train_users)", file=sys.stderr)
-        elif not contract.same_split(saved["metarec_split"], splits, split):
-            print(f"metarec {self.subcommand}: note: the {split} tasks differ from the "
-                  "checkpoint's (no user overlap with its meta-training users)", file=sys.stderr)
-
-    def before_validate(self) -> None:
-        self._check_contract()
-
-    def before_test(self) -> None:
-        self._check_contract()
-
-    def before_predict(self) -> None:
-        self._check_contract()
-
-    def instantiate_classes(self) -> None:
-        super().instantiate_classes()
-        # The resolved recipe travels in every checkpoint (MetaLearner.on_save_checkpoint).
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        self.model.metarec_recipe = resolved_recipe(self._parser(self.subcommand), config)
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.link_arguments("data.schema", "model.schema", apply_on="instantiate")
-        parser.set_defaults(PARSER_DEFAULTS)
-        parser.add_class_arguments(BestCheckpoint, "checkpoint")
-        parser.add_argument("--allow_train_users", type=bool, default=False,
-                            help="validate/test/predict from a checkpoint: evaluate even when "
-                                 "the evaluated users were meta-training users of the checkpoint")
-
-    def before_instantiate_classes(self) -> None:
-        """Check the recipe before anything is built (see :func:`validate_recipe`), then make
-        ``--trainer.enable_progress_bar false`` / ``--trainer.enable_checkpointing false`` also
-        drop the default progress-bar / checkpoint callbacks (Lightning refuses them then)."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        problems = validate_recipe(config)
-        if problems:
-            # Reported as jsonargparse reports a parse error: usage, message, exit status 2.
-            self._parser(self.subcommand).error(
-                "invalid recipe:\n  " + "\n  ".join(problems))
-        trainer = config.get("trainer")
-        if trainer is None:
-            return
-        best = config.get("checkpoint")
-        if best is not None and best.get("monitor"):
-            checkpoints = [c for c in trainer.get("callbacks") or []
-                           if str(getattr(c, "class_path", "")).endswith("ModelCheckpoint")]
-            for callback in checkpoints:  # keep the best epoch on the metric (and last)
-                callback.init_args["monitor"] = best.monitor
-                callback.init_args["mode"] = best.mode
-                callback.init_args["save_last"] = True
-                callback.init_args["filename"] = "best-{epoch}-{step}"
-                callback.init_args["auto_insert_metric_name"] = False
-        dropped = []
-        if trainer.get("enable_progress_bar") is False:
-            dropped.append("ProgressBar")
-        if trainer.get("enable_checkpointing") is False:
-            dropped.append("Checkpoint")
-        if dropped:
-            trainer["callbacks"] = [
-                c for c in trainer.get("callbacks") or []
-                if not any(str(getattr(c, "class_path", c)).endswith(d) for d in dropped)]
+def _filled_defaults_only(now: Any, saved: Any) -> bool:
+    """True when two plugin-argument dicts differ only by keys one of them leaves out (the
+    plugin's defaults, which the CLI fills in since plugin defaults are resolved)."""
+    if not isinstance(now, dict) or not isinstance(saved, dict):
+        return False
+    return all(now[k] == saved[k] for k in set(now) & set(saved))
 
 
 @dataclasses.dataclass
@@ -290,31 +370,51 @@ PLUGIN_KEYS = (("model", "backbone", "backbones"), ("model", "algorithm", "algor
 SPARSE_OPTIMIZERS = ("metarec.optim.LazyAdam", "torch.optim.SGD", "torch.optim.Adagrad",
                      "torch.optim.sgd.SGD", "torch.optim.adagrad.Adagrad")
 
+# EpisodeDataModule arguments with a range (its signature types them as plain ints).
+DATA_RANGES = (("batch_size", 1), ("eval_batch_size", 1), ("num_workers", 0))
 
-def validate_recipe(config: Any) -> list[str]:
+
+def validate_recipe(config: Any, raw_strings: dict[str, str] | None = None) -> list[str]:
     """What is wrong with a parsed recipe (one line each, naming the key), before instantiation.
 
     jsonargparse has already checked what the signatures of MetaLearner, EpisodeDataModule and
     ``data.tasks`` (:class:`~metarec.data.tasks.TaskConfig`) type. This adds what it cannot see:
     the plugin argument dicts (``model.algorithm_args`` and the others, checked against the
     plugin's signature by :func:`metarec.registry.validate_args`), the rules that span several
-    ``data.tasks`` fields, ``model.optimizer``'s ``lr > 0``, and an optimiser that accepts
-    sparse gradients when the backbone produces them. Nothing is instantiated.
+    ``data.tasks`` fields, ``data.batch_size >= 1`` (and ``eval_batch_size``, ``num_workers >=
+    0``), ``model.optimizer``'s ``lr > 0``, and an optimiser that accepts sparse gradients when
+    the backbone produces them. Nothing is instantiated.
+
+    ``raw_strings`` maps dotted plugin-argument keys to the strings a recipe file wrote (``"3"``
+    quoted): the parser reads such a string as the number it spells, so they are checked as
+    written (a quoted number for an ``int`` argument is an error).
     """
+    from metarec.data.tasks import TaskConfig
+
+    raw_strings = raw_strings or {}
     problems: list[str] = []
     for section, field, kind in PLUGIN_KEYS:
         part = config.get(section)
         name = part.get(field) if part is not None else None
         if name is None:
             continue
+        key = f"{section}.{field}_args"
+        args = dict(part.get(f"{field}_args") or {})
+        args.update({k[len(key) + 1:]: v for k, v in raw_strings.items()
+                     if k.startswith(key + ".") and k[len(key) + 1:] in args})
         try:
-            registry.validate_args(kind, name, part.get(f"{field}_args"),
-                                   key=f"{section}.{field}_args")
+            registry.validate_args(kind, name, args, key=key)
         except registry.PluginArgumentError as err:
             problems.extend(str(err).splitlines())
         except registry.PluginError as err:
             problems.append(f"{section}.{field}: {err}")
-    tasks = config.get("data.tasks") if config.get("data") is not None else None
+    data = config.get("data")
+    if data is not None:
+        for key, low in DATA_RANGES:
+            value = data.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value < low:
+                problems.append(f"data.{key} = {value!r} is invalid: must be an int >= {low}")
+    tasks = config.get("data.tasks") if data is not None else None
     if tasks is not None:
         try:
             TaskConfig(**(tasks.as_dict() if hasattr(tasks, "as_dict") else dict(tasks)))
@@ -339,6 +439,67 @@ def validate_recipe(config: Any) -> list[str]:
     return problems
 
 
+def fill_plugin_defaults(config: Any) -> None:
+    """Put every plugin's defaults into its argument dict (``model.algorithm_args`` and the
+    others), so that ``--print_config``, the saved config.yaml, the W&B config and the
+    checkpoint's recipe all show the values the run uses. Call after :func:`validate_recipe`."""
+    for section, field, kind in PLUGIN_KEYS:
+        part = config.get(section)
+        name = part.get(field) if part is not None else None
+        if name is None:
+            continue
+        try:
+            part[f"{field}_args"] = registry.resolved_args(kind, name, part.get(f"{field}_args"))
+        except registry.PluginError:
+            pass  # reported by validate_recipe
+
+
+def raw_plugin_strings(args: Sequence[str]) -> dict[str, str]:
+    """The plugin arguments (``model.algorithm_args.inner_steps``, ...) that the recipe files in
+    ``args`` (``--config FILE``) or a dict-valued command-line argument write as strings."""
+    from omegaconf import OmegaConf
+
+    wanted = {f"{section}.{field}_args" for section, field, _ in PLUGIN_KEYS}
+    found: dict[str, str] = {}
+
+    def scan(tree: Any, prefix: str) -> None:
+        if not isinstance(tree, dict):
+            return
+        for key, value in tree.items():
+            dotted = f"{prefix}{key}"
+            if dotted in wanted and isinstance(value, dict):
+                for arg, v in value.items():
+                    if isinstance(v, str) and "${" not in v:
+                        found[f"{dotted}.{arg}"] = v
+                    else:
+                        found.pop(f"{dotted}.{arg}", None)
+            elif isinstance(value, dict):
+                scan(value, dotted + ".")
+
+    tokens = list(args)
+    for i, token in enumerate(tokens):
+        key, _, inline = token.partition("=")
+        value = inline if inline else (tokens[i + 1] if i + 1 < len(tokens) else None)
+        if value is None:
+            continue
+        if key in ("-c", "--config") and os.path.isfile(value):
+            try:
+                tree = OmegaConf.to_container(OmegaConf.load(value), resolve=False)
+            except Exception:  # noqa: BLE001 - the parser reports unreadable files itself
+                continue
+            scan(tree, "")
+        elif key.startswith("--") and key[2:] in wanted:
+            try:
+                scan({key[2:]: yaml.safe_load(value)}, "")
+            except yaml.YAMLError:
+                continue
+        elif key.startswith("--") and key[2:].rsplit(".", 1)[0] in wanted:
+            found.pop(key[2:], None)  # a command-line value: parsed as given
+    return found
+
+
+# -- metarec plugins ----------------------------------------------------------------------
+
 def print_plugins(stream: Any = None) -> None:
     """Print every plugin group: alias, class path, distribution and version."""
     from rich.console import Console
@@ -352,62 +513,160 @@ def print_plugins(stream: Any = None) -> None:
         for info in registry.available(kind):
             table.add_row(info.alias, info.target, info.distribution, info.version)
         console.print(table)
+    console.print("metarec plugins NAME: a plugin's arguments, defaults and rules")
 
 
-def export_split_command(args: list[str]) -> None:
-    """``metarec export-split --out FILE --config RECIPE [overrides]`` (or ``--ckpt_path CKPT``
-    alone: the split that checkpoint was fit on): write the users of each split and every
-    query, in raw ids. ``--data.split_file FILE`` reads it back in any later run."""
-    from metarec.contract import write_split_file
+def describe_plugins(name: str) -> str:
+    """``metarec plugins NAME``: the plugin(s) of that alias (or class path) in any group, or
+    every plugin of a group when ``name`` is one (``algorithms``)."""
+    if name in registry.GROUPS:
+        return "\n\n".join(registry.plugin_help(name, info.alias)
+                           for info in registry.available(name))
+    kinds = [k for k in registry.GROUPS if any(i.alias == name for i in registry.available(k))]
+    if not kinds and ("." in name or ":" in name):
+        kinds = [k for k in registry.GROUPS if _resolves(k, name)]
+    if not kinds:
+        every = sorted({i.alias for k in registry.GROUPS for i in registry.available(k)})
+        guess = difflib.get_close_matches(name, every, n=3)
+        raise registry.PluginError(
+            f"no plugin named {name!r}" + (f" (did you mean {', '.join(guess)}?)" if guess
+                                           else "") + "; `metarec plugins` lists them")
+    return "\n\n".join(registry.plugin_help(k, name) for k in kinds)
 
-    if "--out" not in args or args.index("--out") + 1 >= len(args):
-        print("metarec export-split: error: give --out FILE (and the recipe: --config ...)",
-              file=sys.stderr)
-        raise SystemExit(2)
-    at = args.index("--out")
-    out, rest = args[at + 1], args[:at] + args[at + 2:]
-    if rest[:1] == ["--ckpt_path"] and len(rest) == 2:  # a checkpoint's own split
-        from metarec.checkpoint import datamodule_from_checkpoint
 
-        datamodule = datamodule_from_checkpoint(rest[1])
-    else:
-        datamodule = MetarecCLI(args=rest, run=False).datamodule
-    path = write_split_file(out, datamodule.splits, datamodule.table)
-    splits = datamodule.splits
-    print(f"wrote {path}: {len(splits.train)} train, {len(splits.val)} val, "
-          f"{len(splits.test)} test users")
+def _resolves(kind: str, name: str) -> bool:
+    try:
+        registry.resolve(kind, name)
+    except registry.PluginError:
+        return False
+    return True
+
+
+# -- warnings and errors ------------------------------------------------------------------
+
+#: Warnings hidden by default (regular expressions matched against the start of the message).
+QUIET_WARNINGS = (
+    # metarec's own range types are dumped as the number they hold: that is the intent.
+    r"\s*Dump of a value that does not round-trip: a (PositiveInt|NonNegativeInt|"
+    r"PositiveFloat|NonNegativeFloat|PositiveFloat_finite|NonNegativeFloat_finite|UnitFraction|"
+    r"ClosedUnitInterval|OpenUnitInterval)\b",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+    r".*The dirpath has changed from",
+    # metrics are synced by torchmetrics (every rank's tasks counted once: tests/test_ddp.py)
+    r".*It is recommended to use `self\.log\(.*sync_dist=True",
+    r".*LightningCLI's args parameter is intended to run from within Python",
+    r".*Checkpoint directory .* exists and is not empty",
+    r"\s*Unable to serialize instance DataSchema",
+    r".*DataSchema.*(serializ|not JSON)",
+    r".*does not have many workers",
+)
+QUIET_LOG_LINES = ("💡 Tip:",)
+
+
+class _DropLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(p) for p in QUIET_LOG_LINES)
+
+
+def verbose() -> bool:
+    return os.environ.get("METAREC_VERBOSE", "") not in ("", "0", "false")
+
+
+def quiet_warnings() -> None:
+    """Hide the warnings that say nothing to a metarec user (see :data:`QUIET_WARNINGS`)."""
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) for f in logger.filters):
+            logger.addFilter(_DropLines())
+
+
+def user_error_types() -> tuple[type, ...]:
+    """The errors a user can fix (input, settings, plugins, checkpoints): one line, exit 2."""
+    from metarec.data.errors import ConfigError, DataError
+
+    types: list[type] = [DataError, ConfigError, registry.PluginError]
+    try:
+        import pickle
+
+        types.append(pickle.UnpicklingError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def _subcommand(args: list[str]) -> str | None:
+    """The subcommand of an argument list: the first token that is not an option (or the
+    value of ``-c/--config``)."""
+    skip = False
+    for token in args:
+        if skip:
+            skip = False
+            continue
+        if token in ("-c", "--config"):
+            skip = True
+        elif not token.startswith("-"):
+            return token
+    return None
+
+
+def _deprecated(command: str | None, args: list[str]) -> list[str]:
+    renames = DEPRECATED_FLAGS.get(command or "", {})
+    out = []
+    for token in args:
+        flag, eq, value = token.partition("=")
+        if flag in renames:
+            print(f"metarec {command}: note: {flag} is deprecated; use {renames[flag]}",
+                  file=sys.stderr)
+            token = renames[flag] + (eq + value if eq else "")
+            if flag == "--include-seen" and not eq:
+                out += [token, "true"]
+                continue
+        out.append(token)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["plugins"]:
-        print_plugins()
-        return
-    if args[:1] == ["adapt"]:
-        from metarec.adapter import adapt_command
-
-        adapt_command(args[1:])
-        return
-    # Bad input (a data file, a setting, a plugin) is one line on stderr and exit status 2;
-    # METAREC_TRACEBACK=1 shows the traceback too.
-    from metarec.data.errors import ConfigError, DataError
-
+    command = _subcommand(args)
+    head = args[:args.index(command)] if command in args else args
+    if "-v" in head or "--verbose" in head:  # metarec --verbose COMMAND ...
+        os.environ["METAREC_VERBOSE"] = "1"
+        os.environ["METAREC_TRACEBACK"] = "1"
+        args = [a for a in head if a not in ("-v", "--verbose")] + args[len(head):]
+    if not verbose():
+        quiet_warnings()
+    args = _deprecated(command, args)
     try:
-        if args[:1] == ["export-split"]:
-            export_split_command(args[1:])
-            return
-        if args[:1] == ["simulate"]:
-            from metarec.simulate import simulate_command
+        if command in RECIPE_COMMANDS:
+            from metarec.lightning_cli import MetarecCLI
 
-            simulate_command(args[1:])
+            # None (the console script): LightningCLI reads sys.argv itself (DDP re-runs it)
+            MetarecCLI(args=None if argv is None and args == sys.argv[1:] else args)
             return
-        MetarecCLI(args=argv)  # None: LightningCLI reads sys.argv itself
-    except (DataError, ConfigError, registry.PluginError) as err:
-        if os.environ.get("METAREC_TRACEBACK"):
+        config = top_parser().parse_args(args)
+        run_command(config.subcommand, config[config.subcommand])
+    except BrokenPipeError:  # metarec plugins | head
+        sys.stderr.close()
+    except Exception as err:
+        if os.environ.get("METAREC_TRACEBACK") or not isinstance(err, user_error_types()):
             raise
-        command = args[0] if args and not args[0].startswith("-") else "fit"
-        print(f"metarec {command}: error: {err}", file=sys.stderr)
+        where = command if command in COMMANDS else "fit"
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        print(f"metarec {where}: error: " + "\n  ".join(lines[:4]), file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def __getattr__(name: str) -> Any:
+    # The Lightning parts, imported on first use: `from metarec.cli import MetarecCLI` works.
+    if name in ("MetarecCLI", "RecipeToLoggers", "MetarecLightningParser"):
+        from metarec import lightning_cli
+
+        return getattr(lightning_cli, name)
+    raise AttributeError(f"module 'metarec.cli' has no attribute {name!r}")
 
 
 if __name__ == "__main__":

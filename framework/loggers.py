@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 from typing import Any, Literal
 
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter as _ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
 def wandb_account_configured() -> bool:
@@ -73,3 +77,38 @@ class WandbLogger(_LightningWandbLogger):
         # Lightning raises on offline + log_model: pass False, then set the resolved value.
         super().__init__(*args, offline=offline, log_model=False, **kwargs)
         self._log_model = resolve_log_model(offline, log_model)
+        if self._wandb_init.get("anonymous") is None:  # W&B warns that the setting is gone
+            self._wandb_init.pop("anonymous", None)
+
+    @property
+    def experiment(self) -> Any:
+        # W&B looks for a git repository from its folder and warns when it does not exist yet.
+        if self._experiment is None and self._save_dir:
+            os.makedirs(self._save_dir, exist_ok=True)
+        return super().experiment
+
+
+class _AppendingWriter(_ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued (a resumed
+    run appends to its own log) instead of deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                header = next(csv.reader(handle), [])
+            self.metrics_keys = sorted(set(header))
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's CSVLogger (``{save_dir}/{name}/{version}/metrics.csv``); when that folder
+    already holds a ``metrics.csv`` (a resumed run), the new rows are appended to it instead of
+    replacing it."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return self._experiment
+        self._fs.makedirs(self.root_dir, exist_ok=True)
+        self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

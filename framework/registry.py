@@ -319,3 +319,89 @@ def _check_value(hint: Any, value: Any) -> str | None:
         return f"must be {'an' if rules[0].startswith('int') else 'a'} {rules[0]}" + \
             (" (or null)" if nullable else "")
     return f"out of range for {_type_name(hint)}"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain YAML data (tuples as lists), or ``_NOT_PLAIN``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
+    if isinstance(value, Mapping):
+        items = {k: _plain(v) for k, v in value.items()}
+        ok = all(isinstance(k, str) for k in items) and _NOT_PLAIN not in items.values()
+        return items if ok else _NOT_PLAIN
+    return _NOT_PLAIN
+
+
+_NOT_PLAIN = object()
+
+
+def _arguments(kind: str, cls: Any) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(cls).parameters
+    context = set(CONTEXT_ARGS.get(kind, ()))
+    return {n: p for n, p in params.items() if n not in context and p.kind not in
+            (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+
+
+def resolved_args(kind: str, name: str | type, args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``args`` with every argument it leaves out set to the plugin's default, in signature
+    order (arguments without a default, and defaults that are not plain data, are left out):
+    the values the plugin is built with, as a recipe would write them."""
+    cls = resolve(kind, name)
+    args = dict(args or {})
+    out: dict[str, Any] = {}
+    for arg, param in _arguments(kind, cls).items():
+        if arg in args:
+            out[arg] = args.pop(arg)
+        elif param.default is not inspect.Parameter.empty:
+            default = _plain(param.default)
+            if default is not _NOT_PLAIN:
+                out[arg] = default
+    out.update(args)  # **kwargs plugins: the rest as given
+    return out
+
+
+def plugin_help(kind: str, name: str | type) -> str:
+    """What ``metarec plugins NAME`` prints: the plugin, its arguments (type, default, the
+    range rule a restricted type declares) and its docstring."""
+    cls = resolve(kind, name)
+    hints = _hints(cls)
+    eps = _entry_points(kind).get(str(name)) if not isinstance(name, type) else None
+    where = f"{eps[0].value}, {' '.join(_dist(eps[0]))}" if eps else \
+        f"{cls.__module__}:{cls.__qualname__}"
+    key = {"backbones": "model.backbone_args", "algorithms": "model.algorithm_args",
+           "policies": "model.policy_args", "datasets": "data.dataset_args"}.get(kind, "args")
+    alias = name if isinstance(name, str) else f"{cls.__module__}.{cls.__qualname__}"
+    lines = [f"{SINGULAR[kind]} {alias}  ({where})",
+             f"  in a recipe: {key.removesuffix('_args')}: {alias}, arguments under {key}"]
+    rows = []
+    for arg, param in _arguments(kind, cls).items():
+        hint = hints.get(arg)
+        rule = " or ".join(r for r in (_restriction(h) for h in (hint, *get_args(hint))) if r) \
+            if hint is not None else ""
+        type_name = _type_name(_relax(hint)) if hint is not None else ""
+        default = "(required)" if param.default is inspect.Parameter.empty else \
+            repr(_plain(param.default)) if _plain(param.default) is not _NOT_PLAIN \
+            else repr(param.default)
+        rows.append((arg, type_name, default.replace("None", "null").replace("True", "true")
+                     .replace("False", "false"), rule))
+    context = [a for a in CONTEXT_ARGS.get(kind, ()) if a in inspect.signature(cls).parameters]
+    if rows:
+        widths = [max(len(r[i]) for r in rows + [("argument", "type", "default", "rule")])
+                  for i in range(4)]
+        lines.append("")
+        for row in [("argument", "type", "default", "rule"), *rows]:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    else:
+        lines += ["", "  (no arguments)"]
+    if context:
+        lines.append(f"  (given by metarec itself: {', '.join(context)})")
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD
+           for p in inspect.signature(cls).parameters.values()):
+        lines.append("  (also takes any other keyword argument)")
+    doc = inspect.getdoc(cls)
+    if doc:
+        lines += [""] + ["  " + line if line else "" for line in doc.splitlines()]
+    return "\n".join(lines)

@@ -1,5 +1,8 @@
 """``metarec simulate --config SIM.yaml``: replay held-out users' feedback through policies.
 
+The settings below are the command's arguments: a YAML file (``--config``), command-line
+overrides (``--users 10 --k 5``) and ``--print_config``, as for every metarec command.
+
 For every held-out (test-split) user, all of the user's interactions in their task (support
 and query, as built by the data split) are ordered by timestamp. The first ``warmup`` are
 revealed and adapted on (:meth:`metarec.Adapter.adapt`); then at each turn ``t`` (``t``
@@ -22,7 +25,7 @@ interactions observed so far):
 Nothing is revealed before its turn: the session only ever receives events ``0..t-1`` when it
 recommends and predicts at turn ``t`` (tests/test_simulate.py checks it with a spy).
 
-Config (plain YAML, ``yaml.safe_load``)::
+Config (YAML; every key is also an option, e.g. ``--turns 20``)::
 
     checkpoint: runs/model.ckpt        # a `metarec fit` checkpoint; or, to train one first:
     fit_recipe: recipes/quickstart.yaml
@@ -48,22 +51,26 @@ Config (plain YAML, ``yaml.safe_load``)::
 
 Outputs: ``curves.csv`` (long format: policy, observed, users, hr, ndcg, mae and the
 cumulative means cum_hr, cum_ndcg, cum_mae over all turns up to ``observed``, each user-turn
-weighted alike), ``summary.csv`` (per policy: user-turns, mean hr, ndcg, mae over all turns).
+weighted alike), ``summary.csv`` (per policy: user-turns, mean hr, ndcg, mae over all turns)
+and ``curves.png`` (HR, nDCG and MAE per turn; when matplotlib is installed).
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 import yaml
 
-__all__ = ["load_config", "replay_user", "simulate", "simulate_command", "user_streams"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["add_simulate_arguments", "load_config", "replay_user", "simulate",
+           "simulate_command", "user_streams"]
 
 KEYS = {"checkpoint", "fit_recipe", "fit_overrides", "data", "policies", "users", "k",
         "negatives", "warmup", "turns", "relevant_rating", "seed", "output", "wandb"}
@@ -131,6 +138,9 @@ def user_streams(tasks: Any, users: int | None = None) -> list[tuple[int, np.nda
     """``[(user, events)]`` of a split's tasks: ``events`` is ``(n, 3)`` float64 rows
     ``(item, label, time)`` of the task's support and query interactions, oldest first
     (stable: ties keep support-then-query order)."""
+    import numpy as np
+    import torch
+
     out = []
     count = len(tasks) if users is None else min(users, len(tasks))
     for t in range(count):
@@ -157,6 +167,9 @@ def replay_user(adapter: Any, user: int, events: np.ndarray, candidates: np.ndar
                 explicit: bool, seed: int,
                 epsilon: float = 0.0) -> list[tuple[int, float, float, float]]:
     """Replay one user; ``[(observed, hr, ndcg, mae)]`` per turn (see the module doc)."""
+    import numpy as np
+    import torch
+
     items = events[:, 0].astype(np.int64)
     good = events[:, 1] >= (relevant if explicit else 0.5)
     n = len(events)
@@ -188,6 +201,8 @@ def replay_user(adapter: Any, user: int, events: np.ndarray, candidates: np.ndar
 
 def _candidates(events: np.ndarray, num_items: int, negatives: int, seed: int,
                 user: int) -> np.ndarray:
+    import numpy as np
+
     rated = np.unique(events[:, 0].astype(np.int64))
     rng = np.random.default_rng([seed, user])
     others = np.setdiff1d(np.arange(num_items), rated)
@@ -196,6 +211,8 @@ def _candidates(events: np.ndarray, num_items: int, negatives: int, seed: int,
 
 
 def _curves(label: str, results: list[list[tuple[int, float, float, float]]]) -> list[dict]:
+    import numpy as np
+
     by_turn: dict[int, list[tuple[float, float, float]]] = {}
     for user in results:
         for t, hr, ndcg, mae in user:
@@ -228,8 +245,11 @@ def _datamodule(config: dict[str, Any], checkpoint: str | Path) -> Any:
     return datamodule_from_checkpoint(checkpoint, config.get("data"), where="simulate")
 
 
-def simulate(config: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """Run the simulation; returns ``{"curves": rows, "summary": rows, "output": dir}``."""
+def simulate(config: str | Path | dict[str, Any], progress: bool = False) -> dict[str, Any]:
+    """Run the simulation; returns ``{"curves": rows, "summary": rows, "output": dir}``.
+    ``progress``: a progress bar per policy on stderr (and the fit's, with ``fit_recipe``)."""
+    import numpy as np
+
     from metarec.adapter import Adapter
     from metarec.checkpoint import train_recipe
 
@@ -238,19 +258,25 @@ def simulate(config: str | Path | dict[str, Any]) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = config.get("checkpoint")
     if checkpoint is None:
+        if progress:
+            print(f"metarec simulate: fitting {config['fit_recipe']} first "
+                  f"(checkpoint: {output / 'model.ckpt'})", file=sys.stderr, flush=True)
         checkpoint = train_recipe(config["fit_recipe"], output / "model.ckpt",
-                                  [str(x) for x in config["fit_overrides"]])
+                                  [str(x) for x in config["fit_overrides"]],
+                                  progress_bar=progress)
     datamodule = _datamodule(config, checkpoint)
     tasks = datamodule.splits.test
     streams = user_streams(tasks, config["users"])
     explicit = datamodule.splits.feedback == "explicit"
     curves, summary = [], []
+    bar = _progress(progress)
     for p in config["policies"]:
         adapter = Adapter.from_checkpoint(checkpoint, policy=p["name"], policy_args=p["args"])
         if adapter.num_items != datamodule.table.num_items:
             raise ValueError(f"the checkpoint's model has {adapter.num_items} items, the data "
                              f"{datamodule.table.num_items}: data: is not the fit's")
         results = []
+        task = bar.add_task(f"{p['label']:>14}", total=len(streams)) if bar else None
         for user, events in streams:
             cands = _candidates(events, adapter.num_items, config["negatives"], config["seed"], user)
             results.append(replay_user(adapter, user, events, cands, k=config["k"],
@@ -258,12 +284,16 @@ def simulate(config: str | Path | dict[str, Any]) -> dict[str, Any]:
                                        relevant=float(config["relevant_rating"]),
                                        explicit=explicit, seed=config["seed"],
                                        epsilon=p["epsilon"]))
+            if bar:
+                bar.advance(task)
         rows = _curves(p["label"], results)
         curves.extend(rows)
         flat = np.array([r[1:] for user in results for r in user], dtype=np.float64).reshape(-1, 3)
         summary.append({"policy": p["label"], "user_turns": len(flat),
                         **{m: float(np.nanmean(flat[:, j])) if np.isfinite(flat[:, j]).any()
                            else float("nan") for j, m in enumerate(("hr", "ndcg", "mae"))}})
+    if bar:
+        bar.stop()
     _write_csv(output / "curves.csv", curves, COLUMNS)
     _write_csv(output / "summary.csv", summary, ["policy", "user_turns", "hr", "ndcg", "mae"])
     plotted = _plot(output / "curves.png", curves, config["k"])
@@ -316,20 +346,72 @@ def _plot(path: Path, curves: list[dict], k: int) -> bool:
     return True
 
 
-def simulate_command(argv: Sequence[str]) -> None:
-    """``metarec simulate --config SIM.yaml [--output DIR]``."""
-    import argparse
+def _progress(enabled: bool) -> Any:
+    """A started rich progress display on stderr (users replayed per policy), or None."""
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    parser = argparse.ArgumentParser(prog="metarec simulate", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="simulation YAML (see metarec.simulate)")
-    parser.add_argument("--output", help="output folder (overrides output:)")
-    args = parser.parse_args(list(argv))
-    config = load_config(args.config)
-    if args.output:
-        config["output"] = args.output
-    result = simulate(config)
+    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                   "users", TimeElapsedColumn(), console=Console(file=sys.stderr))
+    bar.start()
+    return bar
+
+
+def add_simulate_arguments(parser: Any) -> None:
+    """The ``metarec simulate`` options: the config keys of the module doc, typed."""
+    from metarec.ranges import NonNegativeInt, PositiveInt
+
+    parser.add_argument("--checkpoint", type=str | None, default=None,
+                        help="a metarec fit checkpoint (or give fit_recipe)")
+    parser.add_argument("--fit_recipe", type=str | None, default=None,
+                        help="a recipe to fit first (its checkpoint: OUTPUT/model.ckpt)")
+    parser.add_argument("--fit_overrides", type=list[str], default=[],
+                        help="command-line overrides for the fit_recipe fit")
+    parser.add_argument("--data", type=dict | None, default=None,
+                        help="EpisodeDataModule arguments (default: the checkpoint's own)")
+    parser.add_argument("--policies", type=list[dict[str, Any] | str] | None, default=None,
+                        help="[{name, args, label, epsilon}], each adapted from the checkpoint")
+    parser.add_argument("--users", type=PositiveInt | None, default=None,
+                        help="the first N test users (null: all)")
+    parser.add_argument("--k", type=PositiveInt, default=10, help="recommendations per turn")
+    parser.add_argument("--negatives", type=NonNegativeInt, default=100,
+                        help="sampled unrated items added to each candidate set")
+    parser.add_argument("--warmup", type=NonNegativeInt, default=3,
+                        help="interactions revealed before the first recommendation")
+    parser.add_argument("--turns", type=PositiveInt | None, default=None,
+                        help="cap on turns per user (null: all)")
+    parser.add_argument("--relevant_rating", type=float, default=4.0)
+    parser.add_argument("--seed", type=NonNegativeInt, default=0)
+    parser.add_argument("--output", type=str, default="runs/simulate",
+                        help="folder of curves.csv, summary.csv and curves.png")
+    parser.add_argument("--wandb", type=dict | None, default=None,
+                        help="log the curves with metarec.loggers.WandbLogger(**wandb)")
+    parser.add_argument("--progress", type=bool, default=True,
+                        help="progress bars on stderr")
+
+
+def simulate_command(config: Any) -> None:
+    """``metarec simulate --config SIM.yaml [--output DIR] [overrides]``: ``config`` is the
+    parsed namespace (or an argument list, parsed here)."""
+    if isinstance(config, (list, tuple)):
+        from metarec.cli import EXTRA_COMMANDS, new_parser
+
+        parser = new_parser(prog="metarec simulate", description=EXTRA_COMMANDS["simulate"])
+        add_simulate_arguments(parser)
+        config = parser.parse_args(list(config))
+    settings = dict(config.as_dict() if hasattr(config, "as_dict") else config)
+    settings.pop("config", None)
+    progress = bool(settings.pop("progress", True))
+    for key in ("checkpoint", "fit_recipe"):
+        if settings.get(key) is None:
+            settings.pop(key, None)
+    result = simulate(settings, progress=progress)
     for row in result["summary"]:
-        print(f"{row['policy']:>12}  user-turns {row['user_turns']:>6}  hr {row['hr']:.4f}  "
+        print(f"{row['policy']:>14}  user-turns {row['user_turns']:>6}  hr {row['hr']:.4f}  "
               f"ndcg {row['ndcg']:.4f}  mae {row['mae']:.4f}")
-    print(f"wrote {result['output'] / 'curves.csv'} and summary.csv"
-          + ("" if result["plot"] else " (no plot: matplotlib is not installed)"))
+    out = result["output"]
+    print(f"wrote {out / 'curves.csv'}, {out / 'summary.csv'}"
+          + (f" and {out / 'curves.png'}" if result["plot"]
+             else " (no curves.png: matplotlib is not installed)"))

@@ -239,7 +239,7 @@ def test_metarec_adapt_prints_k_items_per_user(fitted, tmp_path, capsys):
     for user, events in streams.items():
         lines += [f"{user},{i},{y:g},{s}" for i, y, s in reversed(events)]  # any row order
     csv = _write(tmp_path / "events.csv", "\n".join(lines) + "\n")
-    main(["adapt", "--ckpt", str(ckpt), "--interactions", str(csv), "--k", "5"])
+    main(["adapt", "--ckpt_path", str(ckpt), "--interactions", str(csv), "--k", "5"])
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [o["user"] for o in out] == list(streams)
     adapter = Adapter.from_checkpoint(ckpt)
@@ -252,8 +252,8 @@ def test_metarec_adapt_prints_k_items_per_user(fitted, tmp_path, capsys):
     # Another policy, and Parquet input.
     frame = __import__("pandas").read_csv(csv)
     frame.to_parquet(tmp_path / "events.parquet")
-    main(["adapt", "--ckpt", str(ckpt), "--interactions", str(tmp_path / "events.parquet"),
-          "--k", "3", "--policy", "online", "--policy-args", "{buffer_size: 5}"])
+    main(["adapt", "--ckpt_path", str(ckpt), "--interactions", str(tmp_path / "events.parquet"),
+          "--k", "3", "--policy", "online", "--policy_args", "{buffer_size: 5}"])
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(out) == 3 and all(len(o["items"]) == 3 for o in out)
 
@@ -266,7 +266,7 @@ def test_metarec_adapt_with_raw_ids(fitted, tmp_path, capsys):
     raw["metarec_data"]["item_keys"] = [1000 + 3 * i for i in range(300)]
     torch.save(raw, tmp_path / "raw.ckpt")
     csv = _write(tmp_path / "raw.csv", "user,item,label\nu7,1003,5\nu7,1030,1\nu9,1000,3\n")
-    main(["adapt", "--ckpt", str(tmp_path / "raw.ckpt"), "--interactions", str(csv), "--k", "4"])
+    main(["adapt", "--ckpt_path", str(tmp_path / "raw.ckpt"), "--interactions", str(csv), "--k", "4"])
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [o["user"] for o in out] == ["u7", "u9"]
     adapter = Adapter.from_checkpoint(tmp_path / "raw.ckpt")
@@ -275,7 +275,7 @@ def test_metarec_adapt_with_raw_ids(fitted, tmp_path, capsys):
     assert not {1003, 1030} & set(out[0]["items"])
     bad = _write(tmp_path / "bad.csv", "user,item,label\nu7,1003,5\nu7,1001,1\n")
     with pytest.raises(SystemExit):
-        main(["adapt", "--ckpt", str(tmp_path / "raw.ckpt"), "--interactions", str(bad)])
+        main(["adapt", "--ckpt_path", str(tmp_path / "raw.ckpt"), "--interactions", str(bad)])
     err = capsys.readouterr().err
     assert "bad.csv:3" in err and "field 'item'" in err and "unknown item id 1001" in err
 
@@ -293,7 +293,7 @@ def test_metarec_adapt_bad_input_names_file_row_and_field(fitted, tmp_path, caps
     ckpt, _ = fitted
     bad = _write(tmp_path / "bad.csv", text)
     with pytest.raises(SystemExit) as exit_:
-        main(["adapt", "--ckpt", str(ckpt), "--interactions", str(bad)])
+        main(["adapt", "--ckpt_path", str(ckpt), "--interactions", str(bad)])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("metarec adapt: error:") and message in err, err
@@ -302,13 +302,17 @@ def test_metarec_adapt_bad_input_names_file_row_and_field(fitted, tmp_path, caps
 def test_metarec_adapt_bad_arguments(fitted, tmp_path, capsys):
     ckpt, _ = fitted
     csv = _write(tmp_path / "ok.csv", "user,item,label\n3,1,4\n")
-    for args, message in ((["--ckpt", str(tmp_path / "none.ckpt")], "checkpoint not found"),
-                          (["--ckpt", str(ckpt), "--policy", "nope"], "unknown policy 'nope'"),
-                          (["--ckpt", str(ckpt), "--policy-args", "[1]"], "must be a mapping"),
-                          (["--ckpt", str(ckpt), "--k", "0"], "--k and --batch-users")):
-        with pytest.raises(SystemExit):
+    for args, message in ((["--ckpt_path", str(tmp_path / "none.ckpt")], "checkpoint not found"),
+                          (["--ckpt_path", str(ckpt), "--policy", "nope"], "unknown policy 'nope'"),
+                          (["--ckpt_path", str(ckpt), "--policy_args", "[1]"],
+                           'key "policy_args": expected dict'),
+                          (["--ckpt_path", str(ckpt), "--k", "0"], 'key "k"'),
+                          (["--ckpt", str(ckpt), "--batch-users", "0"], 'key "batch_users"')):
+        with pytest.raises(SystemExit) as exit_:
             main(["adapt", "--interactions", str(csv), *args])
-        assert message in capsys.readouterr().err
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) <= 4, err
 
 
 def test_inputs_the_adapter_does_not_build_are_named():
@@ -439,7 +443,7 @@ def test_metarec_adapt_with_a_transformer_checkpoint(fitted_transformer, tmp_pat
     lines = ["user,item,label,timestamp"] + [f"{u},{i},{y:g},{s}" for u, events in streams.items()
                                              for i, y, s in events]
     csv = _write(tmp_path / "events.csv", "\n".join(lines) + "\n")
-    main(["adapt", "--ckpt", str(ckpt), "--interactions", str(csv), "--k", "4"])
+    main(["adapt", "--ckpt_path", str(ckpt), "--interactions", str(csv), "--k", "4"])
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     adapter = Adapter.from_checkpoint(ckpt)
     assert [o["user"] for o in out] == list(streams)
