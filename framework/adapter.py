@@ -758,46 +758,28 @@ def read_interactions(path: str | Path, adapter: Adapter) -> dict[int, tuple[tor
     return {u: grouped[u] for u in sorted(grouped, key=first.__getitem__)}
 
 
-def adapt_command(argv: Sequence[str], stream: Any = None) -> None:
+def adapt_command(argv: Any, stream: Any = None) -> None:
     """``metarec adapt``: adapt the users of an interactions file and print their top-k as JSON
-    Lines (one object per user: ``{"user": id, "items": [ids], "scores": [floats]}``)."""
-    import argparse
+    Lines (one object per user: ``{"user": id, "items": [ids], "scores": [floats]}``).
+
+    ``argv``: the command's parsed arguments (:func:`metarec.cli.add_adapt_arguments`), or an
+    argument list (``["--ckpt_path", CKPT, "--interactions", FILE]``) parsed here."""
     import json
     import sys
 
-    import yaml
-
+    from metarec.cli import EXTRA_COMMANDS, add_adapt_arguments, new_parser
     from metarec.data import DataError
     from metarec.registry import PluginError
 
-    parser = argparse.ArgumentParser(
-        prog="metarec adapt",
-        description="Adapt users from their interactions with a checkpoint made by metarec fit "
-                    "and print top-k recommendations per user as JSON Lines.")
-    parser.add_argument("--ckpt", required=True, help="checkpoint made by metarec fit")
-    parser.add_argument("--interactions", required=True,
-                        help="CSV/Parquet file with columns user,item,label[,timestamp]")
-    parser.add_argument("--k", type=int, default=10, help="recommendations per user (10)")
-    parser.add_argument("--policy", default=None, help="adaptation policy (default: the "
-                        "checkpoint's)")
-    parser.add_argument("--policy-args", default=None,
-                        help="policy arguments as YAML/JSON, e.g. '{steps: 5}'")
-    parser.add_argument("--include-seen", action="store_true",
-                        help="also recommend items the user has interacted with")
-    parser.add_argument("--batch-users", type=int, default=1024,
-                        help="users adapted per vmapped call (1024)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=None)
-    args = parser.parse_args(list(argv))
+    if isinstance(argv, (list, tuple)):
+        parser = new_parser(prog="metarec adapt", description=EXTRA_COMMANDS["adapt"])
+        add_adapt_arguments(parser)
+        argv = parser.parse_args(list(argv))
+    args = argv
     stream = stream or sys.stdout
-    if args.k < 1 or args.batch_users < 1:
-        parser.error("--k and --batch-users must be >= 1")
     try:
-        policy_args = None if args.policy_args is None else yaml.safe_load(args.policy_args)
-        if policy_args is not None and not isinstance(policy_args, dict):
-            raise ValueError(f"--policy-args must be a mapping, got {args.policy_args!r}")
-        adapter = Adapter.from_checkpoint(args.ckpt, policy=args.policy,
-                                          policy_args=policy_args, device=args.device)
+        adapter = Adapter.from_checkpoint(args.ckpt_path, policy=args.policy,
+                                          policy_args=args.policy_args, device=args.device)
         events = read_interactions(args.interactions, adapter)
         users = list(events)
         for lo in range(0, len(users), args.batch_users):
@@ -808,5 +790,7 @@ def adapt_command(argv: Sequence[str], stream: Any = None) -> None:
                 stream.write(json.dumps({"user": adapter.decode_user(user),
                                          "items": adapter.decode_items(rec.items),
                                          "scores": [float(x) for x in rec.scores]}) + "\n")
-    except (DataError, PluginError, ValueError, KeyError, FileNotFoundError, yaml.YAMLError) as err:
-        parser.exit(2, f"metarec adapt: error: {err}\n")
+    except (DataError, PluginError, ValueError, KeyError, FileNotFoundError) as err:
+        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"metarec adapt: error: {text}".replace("\n", "\n  "), file=sys.stderr)
+        raise SystemExit(2) from None
