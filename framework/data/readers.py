@@ -16,6 +16,7 @@ from metarec.data.errors import DataError
 _FIELDS_RE = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
 _UNIT = "\x1f"  # stands in for a multi-character separator, so the fast C parser can be used
 _INT64 = 2.0 ** 63
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
 
 
 def read_frame(path: str | Path, *, sep: str = ",", names: Sequence[str] | None = None,
@@ -165,6 +166,11 @@ def _read_text(path: Path, encoding: str) -> str:
 
 def _file_lines(path: Path, rows: int, header: bool, encoding: str) -> np.ndarray:
     """1-based file line of each parsed row, accounting for skipped blank lines."""
+    ascii_lines = not any(n in encoding for n in ("16", "32"))  # "\n" is the byte 10
+    data = path.read_bytes().rstrip() if ascii_lines else b""
+    if ascii_lines and not _BLANK_LINE.search(b"\n" + data):
+        # No blank line before the last row (the usual case): rows follow lines.
+        return np.arange(rows, dtype=np.int64) + 1 + int(header)
     with open(path, encoding=encoding, errors="replace") as handle:
         nonblank = [i + 1 for i, line in enumerate(handle) if line.strip()]
     lines = np.asarray(nonblank[1:] if header else nonblank, dtype=np.int64)
@@ -215,9 +221,7 @@ def numeric_column(frame: pd.DataFrame, column: str, *, integer: bool = False,
     fit a 64-bit integer (``1e30``) is an error, never a silent overflow.
     """
     raw = frame[column]
-    parsed = pd.to_numeric(raw, errors="coerce")
-    exact = parsed.dtype.kind in "iu" and parsed.dtype != np.uint64  # ints kept exactly
-    values = parsed.to_numpy(dtype=np.float64, na_value=np.nan)
+    values, exact = _parse_numbers(raw, integer or int64)
     bad = ~np.isfinite(values)
     if integer:
         bad |= np.isfinite(values) & (values != np.round(values))
@@ -226,7 +230,7 @@ def numeric_column(frame: pd.DataFrame, column: str, *, integer: bool = False,
     if maximum is not None:
         bad |= values > maximum
     overflow = (values >= _INT64) | (values < -_INT64)
-    if exact or not (integer or int64):
+    if exact is not None or not (integer or int64):
         overflow[:] = False
     if bad.any() or overflow.any():
         row = int(np.flatnonzero(bad | overflow)[0])
@@ -241,6 +245,31 @@ def numeric_column(frame: pd.DataFrame, column: str, *, integer: bool = False,
                         f"({int((bad | overflow).sum())} bad value(s) in this column)",
                         source=frame.attrs.get("source"),
                         line=int(frame.attrs["line"][row]), field=column)
-    if exact and (integer or int64):
-        return parsed.to_numpy(dtype=np.int64)
+    if exact is not None and (integer or int64):
+        return exact
     return values.astype(np.int64) if integer or int64 else values
+
+
+def _parse_numbers(raw: pd.Series, want_int: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(float64 values, NaN where not a number; int64 values when exact, else None)``.
+
+    Whole columns are cast first (fast); only a column holding a bad value goes through
+    ``pd.to_numeric``, which finds it. Integers are kept exactly (beyond 2**53) when they can.
+    """
+    if raw.dtype.kind in "iu" and raw.dtype != np.uint64:
+        return raw.to_numpy(dtype=np.float64), raw.to_numpy(dtype=np.int64)
+    if raw.dtype.kind not in "fiub":  # text
+        try:
+            if want_int:
+                ints = raw.astype(np.int64).to_numpy()
+                return ints.astype(np.float64), ints
+        except (ValueError, TypeError, OverflowError):
+            pass
+        try:
+            return raw.astype(np.float64).to_numpy(), None
+        except (ValueError, TypeError, OverflowError):
+            pass
+    parsed = pd.to_numeric(raw, errors="coerce")
+    values = parsed.to_numpy(dtype=np.float64, na_value=np.nan)
+    exact = parsed.dtype.kind in "iu" and parsed.dtype != np.uint64
+    return values, parsed.to_numpy(dtype=np.int64) if exact else None
