@@ -104,10 +104,18 @@ def short_message(message: str) -> str:
         expected = [m.group(1) for line in lines
                     for m in [re.search(r"Expected an? (.+?)\.?$", line.strip())] if m]
         head = lines[0].rstrip(":")
+        nested = [i for i, line in enumerate(lines) if i > 0 and "Parser key" in line]
+        if nested:  # the member that matched the shape: its own error
+            i = nested[0]
+            key = re.search(r'Parser key "([^"]+)"', lines[i])
+            outer = re.search(r'Parser key "([^"]+)"', head)
+            reason = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            if key and outer:
+                return f'Parser key "{outer.group(1)}.{key.group(1)}": {reason}'
         names = ", ".join(dict.fromkeys(re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", e)
                                         for e in expected))
         return f"{head}: expected {names or 'another type'}" + (f" ({given})" if given else "")
-    if len(lines) == 2 and lines[0].endswith(":"):  # 'Parser key "k":' + the reason
+    if len(lines) == 2 and lines[0].startswith("Parser key") and lines[0].endswith(":"):
         return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)
 
