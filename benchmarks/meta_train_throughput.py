@@ -24,6 +24,8 @@ medians over repeats are reported.
 - ``vmap_bucketed``: the same tasks regrouped by support size (sorted, then cut into batches
   of ``--tasks-per-batch``: what ``data.bucket_by_length`` does to an epoch), so each batch is
   padded only to its own longest task. Same code as ``vmap``; only the batching differs.
+- ``vmap_bucketed_bags``: the bucketed batches with multi-hot features (genres) as bags of
+  category ids gathered sparsely (``data.multihot_bags``) instead of dense 0/1 vectors.
 - ``vmap_compiled`` (with ``--compile``): the bucketed batches through ``torch.compile`` of the
   outer loss (forward and backward; eager stays the reference), each batch padded up to a
   multiple of ``--compile-pad`` so that few graphs are compiled. Compile time (the first call
@@ -127,13 +129,14 @@ def load_table(force_synthetic: bool) -> tuple[InteractionTable, str]:
 
 
 def make_batches(table: InteractionTable, n_batches: int, tasks_per_batch: int,
-                 seed: int, bucketed: bool = False) -> list[EpisodeBatch]:
+                 seed: int, bucketed: bool = False, bags: bool = False) -> list[EpisodeBatch]:
     """``n_batches`` batches of distinct training tasks (wrapping around if there are few).
 
     ``bucketed``: the same tasks, sorted by support size and cut into batches in that order
-    (each batch then padded only to its own longest support), batches in random order."""
+    (each batch then padded only to its own longest support), batches in random order.
+    ``bags``: multi-hot features as bags of category ids (``data.multihot_bags``)."""
     tasks = build_tasks(table, TaskConfig(), seed=0).train
-    collate = EpisodeCollator(tasks, table)
+    collate = EpisodeCollator(tasks, table, bags=bags)
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(tasks), generator=g)
                        for _ in range(-(-n_batches * tasks_per_batch // len(tasks)))])
@@ -405,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
     table, source = load_table(args.synthetic)
     batches = make_batches(table, n_batches, args.tasks_per_batch, args.seed)
     bucketed = make_batches(table, n_batches, args.tasks_per_batch, args.seed, bucketed=True)
+    bucketed_bags = make_batches(table, n_batches, args.tasks_per_batch, args.seed,
+                                 bucketed=True, bags=True)
     loop_batches = [per_task(b) for b in batches]
     backbone = MeLU(table.schema)
     model = FunctionalModel(backbone, select_parameters(backbone,
@@ -455,6 +460,9 @@ def main(argv: list[str] | None = None) -> dict:
         loop_meta_gradient(model, per_task(bucketed[0]), steps, lr)
         checks["loop_vs_vmap_bucketed"] = compare(grads_of(backbone), g_bucket, 1e-4, 1e-6,
                                                   "loop vs bucketed vmap")
+        vmap_meta_gradient(model, algo, bucketed_bags[0])
+        checks["bags_vs_dense_bucketed"] = compare(g_bucket, grads_of(backbone), 1e-5, 1e-7,
+                                                   "multi-hot bags vs dense")
         paths = {}
         if args.compile:
             compiled_batches = [pad_batch(b, args.compile_pad) for b in bucketed]
@@ -483,9 +491,10 @@ def main(argv: list[str] | None = None) -> dict:
                 compile_info["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:400]}"
                 print(f"[warn] torch.compile failed: {compile_info['error']}", file=sys.stderr)
         # Warm-up (first vmap/grad calls are slow: lazy init of torch.func, allocator).
-        for b, bb, tb in zip(batches, bucketed, loop_batches):
+        for b, bb, bg, tb in zip(batches, bucketed, bucketed_bags, loop_batches):
             vmap_meta_gradient(model, algo, b)
             vmap_meta_gradient(model, algo, bb)
+            vmap_meta_gradient(model, algo, bg)
             loop_meta_gradient(model, tb, steps, lr)
         if worker is not None:
             l2l_info = worker.ready()
@@ -502,6 +511,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         paths = {"vmap": timer(lambda b: vmap_meta_gradient(model, algo, b), batches),
                  "vmap_bucketed": timer(lambda b: vmap_meta_gradient(model, algo, b), bucketed),
+                 "vmap_bucketed_bags": timer(lambda b: vmap_meta_gradient(model, algo, b),
+                                             bucketed_bags),
                  "loop": timer(lambda tb: loop_meta_gradient(model, tb, steps, lr),
                                loop_batches),
                  **paths}
@@ -526,6 +537,7 @@ def main(argv: list[str] | None = None) -> dict:
     med = {n: statistics.median(rate[n]) for n in names}
     pass_s = {n: statistics.median(seconds[n]) for n in names}
     computed = {"vmap": flops["padded"], "vmap_bucketed": flops["padded_bucketed"],
+                "vmap_bucketed_bags": flops["padded_bucketed"],
                 "vmap_compiled": flops["padded_bucketed"]}  # compiled: before its extra padding
     efficiency = {n: flops["useful"] / pass_s[n] / peak for n in names if n != "l2l"}
     if "l2l" in names:
@@ -535,6 +547,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "vmap_tasks_per_s": med["vmap"],
         "vmap_bucketed_tasks_per_s": med["vmap_bucketed"],
+        "vmap_bucketed_bags_tasks_per_s": med["vmap_bucketed_bags"],
         "vmap_compiled_tasks_per_s": med.get("vmap_compiled"),
         "loop_tasks_per_s": med["loop"],
         "l2l_tasks_per_s": med.get("l2l"),
@@ -557,6 +570,7 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup_vmap_over_loop_paired_median": statistics.median(paired),
         "speedup_best_over_loop": med[best] / med["loop"],
         "speedup_bucketed_over_vmap": med["vmap_bucketed"] / med["vmap"],
+        "speedup_bags_over_dense_bucketed": med["vmap_bucketed_bags"] / med["vmap_bucketed"],
         "speedup_vmap_over_l2l": med["vmap"] / med["l2l"] if "l2l" in med else None,
         "speedup_best_over_l2l": med[best] / med["l2l"] if "l2l" in med else None,
         "speedup_l2l_over_loop": med["l2l"] / med["loop"] if "l2l" in med else None,
@@ -606,6 +620,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'path':<34}{'tasks/s (median)':>18}{'min':>10}{'max':>10}{'x loop':>9}"
           f"{'useful eff.':>12}")
     labels = {"vmap": "metarec vmapped MAML", "vmap_bucketed": "  + bucketed by length",
+              "vmap_bucketed_bags": "  + bucketed + multi-hot bags",
               "vmap_compiled": "  + bucketed + torch.compile",
               "loop": "per-task loop (autograd.grad)",
               "l2l": f"learn2learn MAML (torch {l2l_info.get('torch')})"}

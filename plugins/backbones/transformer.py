@@ -107,6 +107,22 @@ class TargetAttention(nn.Module):
                        self.training)
         return self.out(h[:, 0])
 
+    def shared(self, target: torch.Tensor, tokens: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for ``M`` candidates ``(M, D)`` that share one history: ``tokens``
+        ``(T, D)`` and ``mask`` ``(T,)`` are projected once, and every candidate attends to them
+        in one batched product (no dropout: only used when it is off)."""
+        m, d = target.shape
+        dh = d // self.heads
+        k, v = self.kv(tokens).chunk(2, dim=-1)
+        q = self.q(target).reshape(m, self.heads, dh)  # (M, heads, dh)
+        k = k.reshape(-1, self.heads, dh).transpose(0, 1)  # (heads, T, dh)
+        v = v.reshape(-1, self.heads, dh).transpose(0, 1)
+        logits = (q.transpose(0, 1) @ k.transpose(-1, -2)) / math.sqrt(dh)  # (heads, M, T)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        h = (logits.softmax(-1) @ v).transpose(0, 1).reshape(m, d)  # (M, D)
+        return self.out(h)
+
 
 class Transformer(Backbone):
     """Sequential recommender: self-attention over the slot's history + target attention.
@@ -203,7 +219,10 @@ class Transformer(Backbone):
         candidate = flat(self.items(features))  # (M, D)
         hist = {k[len("history."):]: flat(v) for k, v in features.items()
                 if k.startswith("history.")}
-        mask = hist["mask"]  # (M, H)
+        shared = self._shared_history(features, len(lead))
+        if shared:  # one history for every slot (recommend): encode it once
+            hist = {k: v[:1] for k, v in hist.items()}
+        mask = hist["mask"]  # (M, H), or (1, H) when shared
         tokens = self.items(hist)  # (M, H, D)
         label = ((hist["label"].to(tokens.dtype) - self.label_center) / self.label_scale)
         tokens = tokens + self.label_embedding(label[..., None])
@@ -217,12 +236,31 @@ class Transformer(Backbone):
         for block in self.blocks:
             tokens = block(tokens, mask)
         tokens = self.norm(tokens)
-        parts = [candidate, self.target(candidate, tokens, mask)]
+        attended = (self.target.shared(candidate, tokens[0], mask[0]) if shared
+                    else self.target(candidate, tokens, mask))
+        parts = [candidate, attended]
         if self.user_features.specs:
             users = sum(self.user_features({s.key: flat(features[s.key])
                                             for s in self.user_features.specs}))
             parts.append(users)
         return torch.cat(parts, dim=-1).reshape(*lead, -1)
+
+    def _shared_history(self, features: Mapping[str, torch.Tensor], lead: int) -> bool:
+        """Whether every slot provably has the same history: each ``history.*`` input is
+        broadcast over the slots (stride 0 on every leading dim, as ``UserSession.recommend``
+        builds it with ``expand``), outside ``vmap``, and dropout is off. Then the history is
+        encoded once and all candidates attend to it in one batched pass; the scores are the
+        same as slot by slot."""
+        if self.training and any(
+                getattr(m, "dropout", 0.0) for m in self.modules() if m is not self):
+            return False
+        values = [v for k, v in features.items() if k.startswith("history.")]
+        if not values or values[0].ndim <= lead or values[0][..., 0].numel() <= 1:
+            return False
+        try:
+            return all(all(v.stride(i) == 0 for i in range(lead)) for v in values)
+        except RuntimeError:  # a batched tensor under vmap has no strides to query
+            return False
 
     # -- Backbone -------------------------------------------------------------------------
     def forward(self, features: Mapping[str, torch.Tensor],
