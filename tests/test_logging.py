@@ -21,8 +21,12 @@ def test_offline_wandb_and_csv_logs(in_tmp, monkeypatch):
                            "--trainer.log_every_n_steps", "1"])
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     wandb.finish()  # flush the run file (a CLI process does this at exit)
-    runs = list((in_tmp / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    # One run, one folder: runs/<run>/ holds the W&B run (id <run>), the CSV log, config.yaml
+    # and the checkpoints.
+    (folder,) = [p for p in (in_tmp / "runs").iterdir() if p.is_dir()]
+    runs = list((folder / "wandb").glob(f"offline-run-*-{folder.name}/run-{folder.name}.wandb"))
     assert len(runs) == 1
+    assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
     # The W&B service writes asynchronously: wait for the run's exit record (the last one).
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -53,7 +57,10 @@ def test_offline_wandb_and_csv_logs(in_tmp, monkeypatch):
     assert config["algorithm"] == "maml" and config["backbone"] == "melu"
     # The resolved recipe is the run's config, defaults included.
     recipe = config["recipe"]
-    assert recipe["model"]["algorithm_args"] == {"inner_steps": 3, "inner_lr": 0.05}
+    # (the plugin's defaults filled in: the values the run used)
+    assert recipe["model"]["algorithm_args"]["inner_steps"] == 3
+    assert recipe["model"]["algorithm_args"]["inner_lr"] == 0.05
+    assert recipe["model"]["algorithm_args"]["first_order"] is False
     assert recipe["data"]["tasks"]["query_size"] == 10
     assert recipe["trainer"]["inference_mode"] is False
     # Parameter counts (the default ParameterCount callback): total, fast, fast fraction.
@@ -63,9 +70,10 @@ def test_offline_wandb_and_csv_logs(in_tmp, monkeypatch):
     assert params["total"] == sum(p.numel() for p in cli.model.parameters())
     assert params["fast_fraction"] == fast / sum(p.numel() for p in cli.model.backbone.parameters())
 
-    csv_dir = next((in_tmp / "runs" / "csv").glob("version_*"))
+    csv_dir = folder
     curve = list(csv.DictReader(open(csv_dir / "val_adaptation_curve.csv")))
     assert [int(r["step"]) for r in curve] == [0, 1, 2, 3]
+    assert {r["epoch"] for r in curve} == {"0"} and {r["global_step"] for r in curve} == {"4"}
     assert float(curve[-1]["loss"]) < float(curve[0]["loss"])  # adaptation lowers query loss
     users = [r for r in csv.DictReader(open(csv_dir / "test_users.csv")) if r["step"] == "3"]
     assert len(users) == len(cli.datamodule.splits["test"])
