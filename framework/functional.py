@@ -201,7 +201,16 @@ class FunctionalModel:
         return fast, slow
 
     def predict(self, fast: Params, slow: Params, batch: FeatureBatch) -> torch.Tensor:
-        """Scores for a feature batch under the given parameters (any leading dims)."""
+        """Scores for a feature batch under the given parameters (any leading dims).
+
+        A backbone may define ``functional_forward(params, features)``, its forward as a pure
+        function of a parameter dict (e.g. MeLU's): it is used instead of ``functional_call``,
+        which re-binds every module parameter on each call, unless it returns NotImplemented."""
+        pure = getattr(self.backbone, "functional_forward", None)
+        if pure is not None:
+            scores = pure({**slow, **fast}, inputs(batch))
+            if scores is not NotImplemented:
+                return scores
         buffers = dict(self.backbone.named_buffers())
         return functional_call(self.backbone, ({**slow, **fast}, buffers), (inputs(batch),))
 

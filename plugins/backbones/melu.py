@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metarec import ENCODED, Backbone, DataSchema, PositiveInt
@@ -81,6 +82,47 @@ class MeLU(Backbone):
             parts += [self.user_embedding(features["user_id"]),
                       self.item_embedding(features["item_id"])]
         return torch.cat(parts, dim=-1)
+
+    def functional_forward(self, params: Mapping[str, torch.Tensor],
+                           features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward` as a pure function of a parameter dict ``{name: tensor}`` (every
+        parameter), with ``torch.nn.functional`` ops only: the fast path that
+        :meth:`metarec.FunctionalModel.predict` takes, which skips ``functional_call``'s
+        re-binding of the module's parameters (most of the cost of one small forward pass).
+        Bit-identical to ``functional_call(self, params, (features,))``. Returns
+        ``NotImplemented`` (use ``functional_call``) when a layer is not the plain one it
+        expects, e.g. wrapped by LoRA."""
+        layers = list(self.decision._modules.values())  # (no Sequential slicing: it builds one)
+        if not (all(type(m) is nn.Linear for m in [*layers[0::2], self.output])
+                and all(type(m) is nn.ReLU for m in layers[1::2])):
+            return NotImplemented
+        if ENCODED in features:
+            h = features[ENCODED]
+        else:
+            parts = []
+            for spec in self.specs:
+                name = spec.key.replace(".", "__")
+                table, weight = self.embeddings[name], params[f"embeddings.{name}.weight"]
+                x = features[spec.key]
+                if type(table) is nn.Embedding:
+                    parts.append(F.embedding(x, weight))
+                elif type(table) is not nn.Linear:
+                    return NotImplemented
+                elif is_bag(x):
+                    parts.append(bag_mean(x, weight.t()))
+                else:
+                    x = x.to(weight.dtype)
+                    parts.append(F.linear(x, weight) / x.sum(-1, keepdim=True).clamp_min(1.0))
+            if self.use_ids:
+                parts += [F.embedding(features["user_id"], params["user_embedding.weight"]),
+                          F.embedding(features["item_id"], params["item_embedding.weight"])]
+            h = torch.cat(parts, dim=-1)
+        names = [f"decision.{i}" for i in range(0, len(layers), 2)] + ["output"]
+        for i, name in enumerate(names):
+            h = F.linear(h, params[f"{name}.weight"], params[f"{name}.bias"])
+            if i < len(names) - 1:
+                h = F.relu(h)
+        return h.squeeze(-1)
 
     def default_fast_parameters(self) -> list[str]:
         return ["decision.*", "output.*"]
