@@ -88,8 +88,9 @@ def test_users_with_different_profiles_start_differently_and_frozen_reports_that
     assert (starts["mem_layer.weight"][0] - starts["mem_layer.weight"][1]).abs().max() > 1e-6
 
 
-def test_training_writes_the_memories_in_order_and_evaluation_reads_only():
-    backbone, algorithm, model, batch = setup()
+@pytest.mark.parametrize("grad_clip", [None, 1e-3])  # 1e-3: every written gradient clipped
+def test_training_writes_the_memories_in_order_and_evaluation_reads_only(grad_clip):
+    backbone, algorithm, model, batch = setup(grad_clip=grad_clip)
     fast, slow = model.split()
     before = {k: v.clone() for k, v in algorithm.named_buffers()}
     algorithm.eval()
@@ -109,7 +110,11 @@ def test_training_writes_the_memories_in_order_and_evaluation_reads_only():
         g = torch.autograd.grad(model.loss(adapted, slow, query), [adapted[n] for n in algorithm.personalised])
         attention.append(a.detach())
         profiles.append(profile.detach())
-        grads.append(torch.cat([x.reshape(-1) for x in g]))
+        g = torch.cat([x.reshape(-1) for x in g])
+        if grad_clip is not None:
+            assert float(g.norm()) > grad_clip  # the clip is active
+            g = g * grad_clip / g.norm()
+        grads.append(g)
         weights.append(adapted["mem_layer.weight"].detach())
     algorithm.train()
     loss, logs = algorithm.outer_loss(model, batch)

@@ -87,6 +87,11 @@ class MAMO(MAML):
         personalised: patterns of ``theta_u``, the parameters the bias memory personalises
             (default: the backbone's user embedding network).
         fast_weights: the parameter the task memory initialises (default: the memory layer).
+        grad_clip: the global L2 norm every local-update gradient and every gradient written
+            to ``M_U`` is clipped to (the authors' code clips both at 5; None: off). Without it
+            the bias memory can feed back on itself: a large written gradient makes a worse
+            start, whose gradient is larger still (seen on ml-100k: a non-finite start after
+            ~300 steps).
         first_order: first-order meta-gradient.
         fast_parameters: patterns overriding the backbone's fast parameters.
     """
@@ -97,10 +102,12 @@ class MAMO(MAML):
                  gamma: UnitFraction = 0.1,
                  personalised: Sequence[str] = ("user_embedding.*",),
                  fast_weights: str | None = "mem_layer.weight",
+                 grad_clip: PositiveFloat | None = 5.0,
                  first_order: bool = False,
                  fast_parameters: Sequence[str] | None = None) -> None:
         super().__init__(inner_steps, inner_lr, first_order=first_order,
-                         fast_parameters=fast_parameters)
+                         fast_parameters=fast_parameters, inner_grad_clip=grad_clip)
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
         for name, rate in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
             if not 0.0 < rate <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {rate}")
@@ -188,6 +195,8 @@ class MAMO(MAML):
             theta = {k: v.detach() for k, v in adapted.items()}
             grads = grad(lambda f: model.loss(f, slow, query))(theta)
             written = torch.cat([grads[n].reshape(-1) for n in self.personalised])
+            if self.grad_clip is not None:  # as the authors' clip_grad_norm_(..., 5.)
+                written = written * (self.grad_clip / written.norm().clamp_min(1e-12)).clamp(max=1.0)
             weights = (theta[self.fast_weights] if self.fast_weights is not None
                        else torch.zeros(()))
             return loss, profile.detach(), attention.detach(), written, weights
