@@ -154,7 +154,7 @@ def test_bind_names_what_is_missing():
 
 
 @pytest.mark.slow
-def test_fit_then_adapt_a_new_user_from_the_checkpoint(tmp_path):
+def test_fit_then_adapt_a_new_user_from_the_checkpoint(tmp_path, capsys):
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
@@ -187,3 +187,19 @@ def test_fit_then_adapt_a_new_user_from_the_checkpoint(tmp_path):
         mask = batch.query["mask"][t]
         torch.testing.assert_close(session.scores(batch.query["item_id"][t][mask]),
                                    expected[t][mask], rtol=0, atol=2e-5)
+    # `metarec adapt` on an interactions file: the same top-k as the Adapter.
+    import json
+
+    from metarec.cli import main
+
+    m = int(tasks.support_mask[0].sum())
+    user = int(tasks.users[0])
+    events = list(zip(tasks.support_items[0, :m].tolist(), tasks.support_labels[0, :m].tolist(),
+                      tasks.support_times[0, :m].tolist()))
+    path = tmp_path / "events.csv"
+    path.write_text("user,item,label,timestamp\n" + "".join(f"{user},{i},{r},{t}\n"
+                                                           for i, r, t in events))
+    capsys.readouterr()
+    main(["adapt", "--ckpt_path", str(ckpt), "--interactions", str(path), "--k", "3"])
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["items"] == adapter.adapt(events, user=user).recommend(3).items.tolist()
