@@ -20,8 +20,12 @@ Policies with an incremental update implement two optional methods (``online`` d
   feature batch, rows oldest first);
 - ``update(model, fast, slow, start, state, events) -> (fast, state)``: apply new events.
 
-For any other policy, ``update`` re-runs the policy's ``adapt`` on the new events starting from
-the session's current parameters (finetune: ``steps`` more steps on the new feedback).
+For any other policy, ``update`` adapts again from the meta-learned start on every event so
+far (the support set grows), exactly as evaluation adapts a support set (docs/adaptation.md).
+
+Layout: the entity-generic pieces live in :mod:`metarec.serving` (id codecs, feature tables,
+event parsing and histories, the session, the ``metarec adapt`` command); this module
+assembles them into padded support batches and calls the policy.
 """
 
 from __future__ import annotations
@@ -31,28 +35,25 @@ import importlib
 import inspect
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from metarec.checkpoint import for_inference, load_checkpoint
-from metarec.data.episodes import EpisodeCollator, FeatureBatch
+from metarec.data.episodes import FeatureBatch
 from metarec.functional import Params
+from metarec.serving.command import adapt_command, read_interactions
+from metarec.serving.events import Events, histories, parse_events
+from metarec.serving.features import FeatureTables
+from metarec.serving.ids import IdCodec
+from metarec.serving.session import Recommendations, UserSession
 
 if TYPE_CHECKING:  # the module (and Lightning) is imported when a checkpoint is loaded
     from metarec.module import MetaLearner
 
-__all__ = ["Adapter", "Recommendations", "UserSession"]
+__all__ = ["Adapter", "Recommendations", "UserSession", "adapt_command", "read_interactions"]
 
 
-class Recommendations(NamedTuple):
-    """Top-k of a session: contiguous item ids, best first, and their scores (predicted
-    ratings for explicit feedback, logits for implicit)."""
-
-    items: torch.Tensor
-    scores: torch.Tensor
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -103,16 +104,13 @@ class Adapter:
         # parameters, never written (every update below builds new tensors).
         self.start: Params = {k: v.detach() for k, v in fast.items()}
         self.slow: Params = {k: v.detach() for k, v in slow.items()}
-        self.item_features = self._tables("item", item_features, self.num_items, required=True)
-        self.user_features = self._tables("user", user_features, self.num_users, required=False)
-        self.user_keys = None if user_keys is None else list(user_keys)
-        self.item_keys = None if item_keys is None else list(item_keys)
-        for name, keys, n in (("user_keys", self.user_keys, self.num_users),
-                              ("item_keys", self.item_keys, self.num_items)):
-            if keys is not None and len(keys) != n:
-                raise ValueError(f"{name} has {len(keys)} entries, the model has {n}")
-        self._user_index: dict[Hashable, int] | None = None
-        self._item_index: dict[Hashable, int] | None = None
+        self.item_tables = FeatureTables(self.schema, "item", item_features, self.num_items,
+                                         self.device, required=True)
+        self.user_tables = FeatureTables(self.schema, "user", user_features, self.num_users,
+                                         self.device, required=False)
+        self.item_features, self.user_features = self.item_tables.tables, self.user_tables.tables
+        self.users = IdCodec("user", self.num_users, user_keys, self.device)
+        self.items = IdCodec("item", self.num_items, item_keys, self.device)
         self.online = callable(getattr(self.policy, "update", None)) and \
             callable(getattr(self.policy, "init_state", None))
         self.compile = bool(compile)
@@ -178,36 +176,28 @@ class Adapter:
                    else data.get("history_length"))
 
     # -- ids ------------------------------------------------------------------------------
+    @property
+    def user_keys(self) -> list[Hashable] | None:
+        return self.users.keys
+
+    @property
+    def item_keys(self) -> list[Hashable] | None:
+        return self.items.keys
+
     def encode_user(self, raw: Hashable) -> int:
         """The contiguous id of a raw user id (KeyError if unknown)."""
-        if self.user_keys is None:
-            raise ValueError("this checkpoint stores no raw user ids: use contiguous ids")
-        if self._user_index is None:
-            self._user_index = {k: i for i, k in enumerate(self.user_keys)}
-        if raw not in self._user_index:
-            raise KeyError(f"unknown user id {raw!r}: not among the model's {self.num_users} users")
-        return self._user_index[raw]
+        return self.users.encode(raw)
 
     def encode_items(self, raw: Sequence[Hashable]) -> torch.Tensor:
         """Contiguous ids of raw item ids (KeyError naming the first unknown one)."""
-        if self.item_keys is None:
-            raise ValueError("this checkpoint stores no raw item ids: use contiguous ids")
-        if self._item_index is None:
-            self._item_index = {k: i for i, k in enumerate(self.item_keys)}
-        index = self._item_index
-        for position, key in enumerate(raw):
-            if key not in index:
-                raise KeyError(f"unknown item id {key!r} at position {position}: not among the "
-                               f"model's {self.num_items} items")
-        return torch.tensor([index[k] for k in raw], dtype=torch.long, device=self.device)
+        return self.items.encode_many(raw)
 
     def decode_items(self, items: torch.Tensor | Sequence[int]) -> list[Hashable]:
         """Raw ids of contiguous item ids (the ids themselves when no keys are stored)."""
-        ids = [int(i) for i in items]
-        return ids if self.item_keys is None else [self.item_keys[i] for i in ids]
+        return self.items.decode(items)
 
     def decode_user(self, user: int) -> Hashable:
-        return user if self.user_keys is None else self.user_keys[int(user)]
+        return self.users.decode_one(user)
 
     # -- adaptation -----------------------------------------------------------------------
     def adapt(self, interactions: Any, user: int | None = None, *,
@@ -333,102 +323,16 @@ class Adapter:
                   overrides: Mapping[str, Any] | None) -> tuple[int | None, dict[str, torch.Tensor]]:
         """(user id, {"user.<name>": value}) of one user, overrides applied and validated."""
         if user is not None:
-            if isinstance(user, bool) or not isinstance(user, (int, np.integer)) \
-                    or not 0 <= int(user) < self.num_users:
-                raise ValueError(f"user {user!r} is not a contiguous user id in "
-                                 f"[0, {self.num_users})" + (
-                                     "; map raw ids with adapter.encode_user"
-                                     if self.user_keys is not None else ""))
-            user = int(user)
-        values: dict[str, torch.Tensor] = {}
-        given = {}
-        for name, value in (overrides or {}).items():
-            key = name if name.startswith("user.") else f"user.{name}"
-            given[key] = value
-        specs = {s.key: s for s in self.schema.of("user")}
-        unknown = sorted(set(given) - set(specs))
-        if unknown:
-            raise ValueError(f"unknown user feature(s) {unknown}; the model's are {sorted(specs)}")
-        for key, spec in specs.items():
-            if key in given:
-                values[key] = self._feature_value(spec, given[key])
-            elif user is not None and key in self.user_features:
-                values[key] = self.user_features[key][user]
-            else:
-                raise ValueError(f"user feature {key!r} is needed: " + (
-                    "pass user=<contiguous id> or user_features={...}" if user is None else
-                    "this adapter has no user feature tables; pass user_features={...}"))
-        return user, values
-
-    def _feature_value(self, spec: Any, value: Any) -> torch.Tensor:
-        if spec.kind == "categorical":
-            code = int(value)
-            if code != value or not 0 <= code < spec.cardinality:
-                raise ValueError(f"{spec.key}: expected a code in [0, {spec.cardinality}), "
-                                 f"got {value!r}")
-            return torch.tensor(code, dtype=torch.long, device=self.device)
-        vec = torch.as_tensor(value, dtype=torch.float32, device=self.device)
-        if vec.shape != (spec.cardinality,):
-            raise ValueError(f"{spec.key}: expected a multi-hot vector of {spec.cardinality}, "
-                             f"got shape {tuple(vec.shape)}")
-        return vec
+            user = self.users.check_one(user)
+        return user, self.user_tables.row(user, overrides)
 
     def _items(self, items: Any, where: str = "candidates") -> torch.Tensor:
         """A 1-D tensor of contiguous item ids, validated."""
-        ids = torch.as_tensor(items, device=self.device)
-        if ids.ndim != 1 or (ids.numel() and (ids.is_floating_point() or ids.dtype == torch.bool)):
-            raise ValueError(f"{where}: expected a 1-D sequence of integer item ids, got "
-                             f"{tuple(ids.shape)} {ids.dtype}")
-        ids = ids.long()
-        outside = (ids < 0) | (ids >= self.num_items)
-        if bool(outside.any()):
-            bad = int(torch.nonzero(outside)[0])
-            raise ValueError(f"{where}[{bad}]: item {int(ids[bad])} is not a contiguous item id "
-                             f"in [0, {self.num_items})")
-        return ids
+        return self.items.check(items, where)
 
-    def _events(self, interactions: Any,
-                where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _events(self, interactions: Any, where: str) -> Events:
         """(items, labels, times or None) of one user's events, oldest first, validated."""
-        if isinstance(interactions, (torch.Tensor, np.ndarray)):
-            array = torch.as_tensor(interactions)
-            if array.ndim != 2 or array.shape[1] not in (2, 3):
-                if array.numel() == 0:
-                    array = array.reshape(0, 2)
-                else:
-                    raise ValueError(f"{where}: expected shape (n, 2) or (n, 3) as (item, label"
-                                     f"[, timestamp]), got {tuple(array.shape)}")
-            columns = list(array.unbind(1))
-        else:
-            events = list(interactions)
-            width = {len(e) for e in events}
-            if not width <= {2, 3} or len(width) > 1:
-                bad = next(i for i, e in enumerate(events) if len(e) not in (2, 3) or
-                           len(e) != len(events[0]))
-                raise ValueError(f"{where}: event {bad} is {events[bad]!r}; every event must be "
-                                 "(item, label) or (item, label, timestamp), all alike")
-            columns = [[e[j] for e in events] for j in range(width.pop() if width else 2)]
-        items = torch.as_tensor(columns[0], device=self.device)
-        if items.is_floating_point():
-            if not bool((items == items.round()).all()):
-                bad = int(torch.nonzero(items != items.round())[0])
-                raise ValueError(f"{where}: event {bad}: item {items[bad].item()!r} is not an id")
-        items = items.long()
-        outside = (items < 0) | (items >= self.num_items)
-        if bool(outside.any()):
-            bad = int(torch.nonzero(outside)[0])
-            raise ValueError(f"{where}: event {bad}: item {int(items[bad])} is not a contiguous "
-                             f"item id in [0, {self.num_items})")
-        labels = torch.as_tensor(columns[1], dtype=torch.float32, device=self.device)
-        if not bool(torch.isfinite(labels).all()):
-            bad = int(torch.nonzero(~torch.isfinite(labels))[0])
-            raise ValueError(f"{where}: event {bad}: label {float(labels[bad])} is not finite")
-        times = None
-        if len(columns) == 3:
-            times = torch.as_tensor(columns[2], device=self.device).long()
-            order = torch.sort(times, stable=True).indices
-            items, labels, times = items[order], labels[order], times[order]
-        return items, labels, times
+        return parse_events(interactions, where, self.num_items, self.device)
 
     def _support(self, rows: list[tuple[int | None, dict[str, torch.Tensor]]],
                  parsed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> FeatureBatch:
@@ -452,8 +356,7 @@ class Adapter:
         for spec in self.schema.of("user"):
             values = torch.stack([v[spec.key] for _, v in rows])
             out[spec.key] = values[:, None].expand(count, width, *values.shape[1:])
-        for key, table in self.item_features.items():
-            out[key] = table[items]
+        out.update(self.item_tables.gather(items))
         out.update(label=labels, mask=mask, time=times)
         if self.history_length is not None:
             out.update(self._history(items, labels, times, mask, times, mask))
@@ -462,21 +365,9 @@ class Adapter:
     def _history(self, items: torch.Tensor, labels: torch.Tensor, times: torch.Tensor,
                  mask: torch.Tensor, slot_times: torch.Tensor,
                  slot_mask: torch.Tensor) -> FeatureBatch:
-        """Each slot's history among the events ``(B, P)`` (stored oldest first): the latest
-        ``history_length`` strictly before the slot's time, exactly as ``EpisodeCollator``
-        computes it in training and evaluation, padded to ``history_length`` (mask False)."""
-        h = self.history_length
-        tables = SimpleNamespace(history_length=h, item_features=self.item_features)
-        out = EpisodeCollator._history(tables, items, labels, times, mask, slot_times, slot_mask)
-        return {k: self._pad_history(v, h) for k, v in out.items()}
-
-    @staticmethod
-    def _pad_history(value: torch.Tensor, width: int) -> torch.Tensor:
-        if value.shape[2] == width:
-            return value
-        out = value.new_zeros((*value.shape[:2], width, *value.shape[3:]))
-        out[:, :, :value.shape[2]] = value[:, :, :width]
-        return out
+        """Each slot's history among the events (:func:`metarec.serving.histories`)."""
+        return histories(self.history_length, self.item_features, items, labels, times, mask,
+                         slot_times, slot_mask)
 
     def _rows(self, user: int | None, values: dict[str, torch.Tensor], items: torch.Tensor,
               labels: torch.Tensor | None = None, times: torch.Tensor | None = None,
@@ -501,296 +392,3 @@ class Adapter:
             out["time"] = torch.arange(n, device=self.device) if times is None else times
         out.update(history or {})
         return out
-
-    def _tables(self, owner: str, given: Mapping[str, Any] | None, count: int,
-                required: bool) -> dict[str, torch.Tensor]:
-        specs = self.schema.of(owner)  # type: ignore[arg-type]
-        if given is None:
-            if required and specs:
-                raise ValueError(f"the model needs {owner} feature tables "
-                                 f"{[s.key for s in specs]}: pass {owner}_features=")
-            return {}
-        tables = {}
-        for spec in specs:
-            if spec.key not in given:
-                raise ValueError(f"{owner}_features lacks {spec.key!r}; needs "
-                                 f"{[s.key for s in specs]}")
-            dtype = torch.long if spec.kind == "categorical" else torch.float32
-            table = torch.as_tensor(given[spec.key], dtype=dtype).to(self.device)
-            want = (count,) if spec.kind == "categorical" else (count, spec.cardinality)
-            if tuple(table.shape) != want:
-                raise ValueError(f"{owner}_features[{spec.key!r}] has shape {tuple(table.shape)}, "
-                                 f"expected {want}")
-            tables[spec.key] = table
-        return tables
-
-
-class UserSession:
-    """One adapted user: their fast parameters (and the policy's per-user state).
-
-    Made by :meth:`Adapter.adapt`. ``recommend`` scores items with the user's parameters;
-    ``update`` adapts them further to new feedback. Nothing is shared with other sessions.
-    """
-
-    def __init__(self, adapter: Adapter, user: int | None, user_values: dict[str, torch.Tensor],
-                 fast: Params, state: Any, seen: torch.Tensor,
-                 recent: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 clock: int = -1) -> None:
-        self.adapter = adapter
-        self.user = user
-        self._values = user_values
-        self._fast = fast
-        self._state = state
-        self._seen = seen
-        # With histories: the user's latest `history_length` events (items, labels, times),
-        # oldest first. `clock`: the latest event time (events without timestamps follow it).
-        self._recent = recent
-        self._clock = clock
-        # Every event so far (items, labels, times), oldest first: non-incremental policies
-        # re-adapt from the meta-learned start on all of them at each update.
-        self._events: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def _candidate_history(self, n: int) -> FeatureBatch | None:
-        """The ``history.*`` inputs of ``n`` candidates scored now: the latest events."""
-        adapter = self.adapter
-        if adapter.history_length is None or self._recent is None:
-            return None
-        items, labels, times = (x[None] for x in self._recent)
-        mask = torch.ones_like(items, dtype=torch.bool)
-        now = torch.full((1, 1), torch.iinfo(torch.long).max, device=adapter.device)
-        history = adapter._history(items, labels, times, mask, now, torch.ones_like(now, dtype=torch.bool))
-        return {k: v[0, 0].expand(n, *v.shape[2:]) for k, v in history.items()}
-
-    @property
-    def fast(self) -> Params:
-        """This user's adapted fast parameters (a copy of the dict; tensors are never written)."""
-        return dict(self._fast)
-
-    @property
-    def state(self) -> Any:
-        """The policy's per-user state (``online``: the replay buffer), or None."""
-        return self._state
-
-    @property
-    def seen(self) -> torch.Tensor:
-        """Contiguous ids of the items this user has interacted with (sorted)."""
-        return self._seen
-
-    def scores(self, items: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
-        """Scores of ``items`` (contiguous ids; default every item) for this user."""
-        adapter = self.adapter
-        every = adapter._all_items["item_id"]
-        items = every if items is None or items is every else adapter._items(items)
-        batch = adapter._rows(self.user, self._values, items,
-                              history=self._candidate_history(len(items)))
-        with torch.no_grad():
-            try:
-                return adapter.functional.predict(self._fast, adapter.slow, batch)
-            except KeyError as err:
-                raise adapter._missing_input(err, batch) from err
-
-    def recommend(self, k: int = 10, candidates: torch.Tensor | Sequence[int] | None = None,
-                  exclude_seen: bool = True, epsilon: float = 0.0,
-                  generator: torch.Generator | None = None) -> Recommendations:
-        """The ``k`` best-scored candidates (default: every item), best first.
-
-        Items the user has interacted with (in ``adapt`` or ``update``) are left out unless
-        ``exclude_seen`` is false. Ties keep candidate order. Fewer than ``k`` are returned
-        when fewer candidates are left.
-
-        ``epsilon`` > 0 explores (epsilon-greedy): each of the ``k`` slots, independently with
-        probability ``epsilon``, shows a uniformly drawn candidate not yet in the list instead of
-        the best remaining one, trading immediate accuracy for information about the new user.
-        ``generator`` makes the draws reproducible.
-        """
-        if not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"epsilon must be in [0, 1], got {epsilon!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
-        adapter = self.adapter
-        items = adapter._all_items["item_id"] if candidates is None else adapter._items(candidates)
-        scores = self.scores(items)
-        if exclude_seen and len(self._seen):
-            if candidates is None:
-                keep = torch.ones(len(items), dtype=torch.bool, device=adapter.device)
-                keep[self._seen] = False
-            else:
-                keep = ~torch.isin(items, self._seen)
-            items, scores = items[keep], scores[keep]
-        ranked = torch.sort(scores, descending=True, stable=True).indices
-        if epsilon == 0.0:
-            order = ranked[:k]
-        else:
-            order = self._explore(ranked, min(k, len(ranked)), epsilon, generator)
-        return Recommendations(items[order].clone(), scores[order])
-
-    @staticmethod
-    def _explore(ranked: torch.Tensor, k: int, epsilon: float,
-                 generator: torch.Generator | None) -> torch.Tensor:
-        """Epsilon-greedy slots over candidates ``ranked`` best first (indices into them)."""
-        explore = torch.rand(k, generator=generator) < epsilon
-        taken = torch.zeros(len(ranked), dtype=torch.bool)
-        picks = []
-        for slot in range(k):
-            free = (~taken).nonzero().flatten()
-            if explore[slot]:
-                j = free[torch.randint(len(free), (1,), generator=generator)].item()
-            else:
-                j = free[0].item()  # the best candidate not shown yet
-            taken[j] = True
-            picks.append(j)
-        return ranked[torch.as_tensor(picks, dtype=torch.long, device=ranked.device)]
-
-    def update(self, feedback_events: Any) -> UserSession:
-        """Adapt this user's parameters to new feedback (``(item, label[, timestamp])`` events
-        as in :meth:`Adapter.adapt`, replayed in timestamp order). Only this session changes.
-
-        With an incremental policy (``online``) its ``update`` is applied (one update per chunk
-        of events, on the user's replay buffer); otherwise the policy adapts again from the
-        meta-learned start on every event so far (the support set grows), exactly as evaluation
-        adapts a support set. Returns the session.
-        """
-        adapter = self.adapter
-        items, labels, times = adapter._events(feedback_events, "feedback events")
-        if len(items) == 0:
-            return self
-        if times is None:  # after every event so far, in the given order
-            times = self._clock + 1 + torch.arange(len(items), device=adapter.device)
-        history = None
-        if adapter.history_length is not None and self._recent is not None:
-            # Each new event's history: the latest earlier events among the recent ones and
-            # the new ones (all oldest first, as in a support set).
-            past = [torch.cat([old, new]) for old, new in zip(self._recent, (items, labels, times))]
-            order = torch.sort(past[2], stable=True).indices
-            past = [x[order] for x in past]
-            ones = torch.ones(1, len(past[0]), dtype=torch.bool, device=adapter.device)
-            history = adapter._history(past[0][None], past[1][None], past[2][None], ones,
-                                       times[None], torch.ones_like(times[None], dtype=torch.bool))
-            history = {k: v[0] for k, v in history.items()}
-            keep = slice(max(0, len(past[0]) - adapter.history_length), None)
-            recent = (past[0][keep], past[1][keep], past[2][keep])
-        events = adapter._rows(self.user, self._values, items, labels, times, history)
-        policy, model = adapter.policy, adapter.functional
-        with torch.no_grad():
-            if adapter.online:
-                self._fast, self._state = policy.update(model, self._fast, adapter.slow,
-                                                        adapter.start, self._state, events)
-            elif self._events is not None:
-                # As evaluation does: adapt from the meta-learned start on the whole support
-                # set, now the earlier events plus the new feedback (repeating k steps on each
-                # new event from the current parameters drifts and can diverge).
-                merged = [torch.cat([old, new]) for old, new in
-                          zip(self._events, (items, labels, times.to(self._events[2].dtype)))]
-                order = torch.sort(merged[2], stable=True).indices
-                self._events = tuple(x[order] for x in merged)
-                support = adapter._support([(self.user, self._values)], [self._events])
-                self._fast = {k: v[0].clone() for k, v in adapter._run(support).items()}
-            else:
-                batch = {k: v[None] for k, v in events.items()}
-                adapted = policy.adapt(model, self._fast, adapter.slow, batch)[-1]
-                self._fast = {k: v[0] for k, v in adapted.items()}
-        self._seen = torch.unique(torch.cat([self._seen, items]))
-        self._clock = max(self._clock, int(times.max()))
-        if history is not None:
-            self._recent = recent
-        return self
-
-    def __repr__(self) -> str:
-        user = "new user" if self.user is None else f"user {self.user}"
-        return f"UserSession({user}, {len(self._seen)} items seen)"
-
-
-
-# -- metarec adapt ---------------------------------------------------------------------------
-def read_interactions(path: str | Path, adapter: Adapter) -> dict[int, tuple[torch.Tensor, ...]]:
-    """Events per user of a CSV/Parquet file with columns ``user, item, label[, timestamp]``.
-
-    Ids are raw ids when the checkpoint stores keys (as in the training data), else contiguous
-    ids. Returns ``{contiguous user: (items, labels, times or None)}``, users in order of first
-    appearance, each user's events in timestamp order (file order without timestamps). A bad
-    value raises a :class:`DataError` naming the file, line and field.
-    """
-    from metarec.data import DataError, numeric_column, read_frame, require_columns
-
-    frame = read_frame(path)
-    require_columns(frame, ["user", "item", "label"])
-    source, lines = frame.attrs.get("source"), frame.attrs["line"]
-
-    def ids(field: str, keys: list[Hashable] | None, count: int) -> np.ndarray:
-        if keys is None:
-            return numeric_column(frame, field, integer=True, minimum=0, maximum=count - 1)
-        if all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in keys):
-            raw: Sequence[Hashable] = numeric_column(frame, field, integer=True).tolist()
-        else:
-            raw = frame[field].astype(str).tolist()
-            keys = [str(k) for k in keys]
-        index = {k: i for i, k in enumerate(keys)}
-        out = np.empty(len(raw), dtype=np.int64)
-        for row, key in enumerate(raw):
-            code = index.get(key)
-            if code is None:
-                raise DataError(f"unknown {field} id {key!r}: not among the checkpoint's "
-                                f"{count} {field}s", source=source, line=int(lines[row]),
-                                field=field)
-            out[row] = code
-        return out
-
-    users = ids("user", adapter.user_keys, adapter.num_users)
-    items = ids("item", adapter.item_keys, adapter.num_items)
-    schema = adapter.schema
-    low, high = ((0.0, 1.0) if schema.feedback == "implicit" else
-                 (schema.rating_range or (None, None)))
-    labels = numeric_column(frame, "label", minimum=low, maximum=high)
-    times = numeric_column(frame, "timestamp", integer=True) if "timestamp" in frame else None
-    # Grouped by user; within a user by timestamp (file order on ties, or without timestamps).
-    order = np.lexsort((np.arange(len(users)),) + (() if times is None else (times,)) + (users,))
-    first = {}
-    for u in users.tolist():
-        first.setdefault(u, len(first))
-    grouped: dict[int, tuple[torch.Tensor, ...]] = {}
-    bounds = np.flatnonzero(np.diff(users[order])) + 1
-    for rows in np.split(order, bounds) if len(order) else []:
-        user = int(users[rows[0]])
-        grouped[user] = (torch.as_tensor(items[rows], device=adapter.device),
-                         torch.as_tensor(labels[rows], dtype=torch.float32, device=adapter.device),
-                         None if times is None else torch.as_tensor(times[rows],
-                                                                    device=adapter.device))
-    return {u: grouped[u] for u in sorted(grouped, key=first.__getitem__)}
-
-
-def adapt_command(argv: Any, stream: Any = None) -> None:
-    """``metarec adapt``: adapt the users of an interactions file and print their top-k as JSON
-    Lines (one object per user: ``{"user": id, "items": [ids], "scores": [floats]}``).
-
-    ``argv``: the command's parsed arguments (:func:`metarec.cli.add_adapt_arguments`), or an
-    argument list (``["--ckpt_path", CKPT, "--interactions", FILE]``) parsed here."""
-    import json
-    import sys
-
-    from metarec.cli import EXTRA_COMMANDS, add_adapt_arguments, new_parser
-    from metarec.data import DataError
-    from metarec.registry import PluginError
-
-    if isinstance(argv, (list, tuple)):
-        parser = new_parser(prog="metarec adapt", description=EXTRA_COMMANDS["adapt"])
-        add_adapt_arguments(parser)
-        argv = parser.parse_args(list(argv))
-    args = argv
-    stream = stream or sys.stdout
-    try:
-        adapter = Adapter.from_checkpoint(args.ckpt_path, policy=args.policy,
-                                          policy_args=args.policy_args, device=args.device)
-        events = read_interactions(args.interactions, adapter)
-        users = list(events)
-        for lo in range(0, len(users), args.batch_users):
-            chunk = users[lo:lo + args.batch_users]
-            sessions = adapter._adapt(chunk, [events[u] for u in chunk], None, args.seed)
-            for user, session in zip(chunk, sessions):
-                rec = session.recommend(args.k, exclude_seen=not args.include_seen)
-                stream.write(json.dumps({"user": adapter.decode_user(user),
-                                         "items": adapter.decode_items(rec.items),
-                                         "scores": [float(x) for x in rec.scores]}) + "\n")
-    except (DataError, PluginError, ValueError, KeyError, FileNotFoundError) as err:
-        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"metarec adapt: error: {text}".replace("\n", "\n  "), file=sys.stderr)
-        raise SystemExit(2) from None

@@ -139,6 +139,18 @@ def masked_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
     return (per * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def _pure_forward(backbone: nn.Module) -> Callable[..., Any] | None:
+    """The backbone's ``functional_forward`` when it computes the backbone's forward: not when
+    a subclass overrides ``forward`` below the class that defines ``functional_forward`` (the
+    override would be silently skipped)."""
+    mro = type(backbone).__mro__
+    pure = next((c for c in mro if "functional_forward" in c.__dict__), None)
+    forward = next((c for c in mro if "forward" in c.__dict__), None)
+    if pure is None or forward is None or not issubclass(pure, forward):
+        return None
+    return backbone.functional_forward
+
+
 class _Method(nn.Module):
     """``forward`` = one named method of a module: lets ``functional_call`` run any method."""
 
@@ -206,7 +218,7 @@ class FunctionalModel:
         A backbone may define ``functional_forward(params, features)``, its forward as a pure
         function of a parameter dict (e.g. MeLU's): it is used instead of ``functional_call``,
         which re-binds every module parameter on each call, unless it returns NotImplemented."""
-        pure = getattr(self.backbone, "functional_forward", None)
+        pure = _pure_forward(self.backbone)
         if pure is not None:
             scores = pure({**slow, **fast}, inputs(batch))
             if scores is not NotImplemented:
