@@ -195,10 +195,12 @@ def test_metarec_test_from_a_checkpoint_on_an_interactions_csv(in_tmp, ids):
     test = run("test", "--config", "recipe.yaml", "--ckpt_path", str(ckpt),
                "--trainer.enable_progress_bar", "false")
     assert test.returncode == 0, test.stderr[-2000:]
-    table = next((in_tmp / "runs" / "csv").rglob("test_users.csv"))
+    table = next((in_tmp / "runs").rglob("test_users.csv"))  # the test's own run folder
+    assert "-recipe-test-" in table.parent.name
     rows = list(csv.DictReader(open(table)))
     assert rows and all(r["user"].startswith("u") == (ids == "str") for r in rows)
-    assert "test/mae" in test.stdout
+    assert "test (new users): before and after adaptation" in test.stdout  # metarec's summary
+    assert "│ mae " in test.stdout
 
 
 def test_checkpoints_load_without_unpickling(fitted):
