@@ -146,3 +146,26 @@ def test_simulate_takes_overrides_and_prints_its_config(in_tmp, capsys):
     assert exit_.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["users"] == 3 and config["k"] == 10 and len(config["policies"]) == 5
+
+
+def test_a_failed_ddp_rank_says_that_nothing_was_saved(tmp_path, capsys):
+    """A checkpoint needs every rank (their RNG states are gathered into it): when one rank
+    fails, none can be written, and the interrupt callback says so instead of hanging."""
+    from types import SimpleNamespace
+
+    from metarec.callbacks import InterruptCheckpoint
+
+    saved = []
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), global_step=7, current_epoch=0,
+                              world_size=2, global_rank=1, is_global_zero=False,
+                              checkpoint_callback=SimpleNamespace(last_model_path=""),
+                              save_checkpoint=saved.append)
+    callback = InterruptCheckpoint(dirpath=str(tmp_path))
+    callback.on_exception(trainer, None, RuntimeError("Connection closed by peer"))
+    err = capsys.readouterr().err
+    assert saved == []
+    assert "rank 1: RuntimeError at step 7 under DDP; no interrupt checkpoint was saved" in err
+    assert "No checkpoint of this run was saved yet" in err
+    # Ctrl-C reaches every rank: then the checkpoint is written (collectively)
+    callback.on_exception(trainer, None, KeyboardInterrupt())
+    assert saved == [callback.ckpt_path]
