@@ -320,6 +320,11 @@ def checkpoint_defaults(ckpt: dict[str, Any], current: dict[str, Any], given: se
             value = contract.plain(value)
             now = contract.plain((current.get(section) or {}).get(key))
             inner = sorted(g for g in given if g.startswith(dotted + "."))
+            plugin = dotted.removesuffix("_args")
+            if dotted.endswith("_args") and plugin in given and dotted not in given and not inner \
+                    and contract.plain((current.get(section) or {}).get(key[:-5])) != \
+                    contract.plain(saved.get(key[:-5])):
+                continue  # another plugin on the command line: not the saved one's arguments
             if dotted in given:
                 if dotted in ARCHITECTURE_KEYS and not _same_plugin_args(now, value):
                     problems.append(f"--{dotted} {now!r} differs from the checkpoint's "
