@@ -15,7 +15,6 @@ from rich.table import Table
 
 from metarec.tracking import plot_adaptation_curves
 
-
 _STAGE_TITLES = {"val": "validation (new users)", "test": "test (new users)"}
 
 

@@ -26,13 +26,13 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from metarec import registry
 
-if False:  # pragma: no cover - for readers: the Lightning classes live in metarec.lightning_cli
+if TYPE_CHECKING:  # the Lightning classes live in metarec.lightning_cli (see __getattr__ below)
     from metarec.lightning_cli import MetarecCLI  # noqa: F401
 
 TRAINER_DEFAULTS: dict[str, Any] = {
