@@ -43,8 +43,8 @@ __all__ = ["MetarecCLI", "MetarecLightningParser", "PredictionSettings", "Recipe
 
 # ckpt_path values that Lightning resolves itself (not files)
 _SPECIAL_CKPT = {"best", "last", "hpc", "registry"}
-_CSV_LOGGERS = ("metarec.loggers.CSVLogger", "lightning.pytorch.loggers.CSVLogger",
-                "lightning.pytorch.loggers.csv_logs.CSVLogger")
+# (Lightning's own CSVLogger, named in a recipe, keeps the folders the recipe gives it.)
+_CSV_LOGGERS = ("metarec.loggers.CSVLogger",)
 
 
 class MetarecLightningParser(ShortErrors, LightningArgumentParser):
@@ -362,7 +362,6 @@ class MetarecCLI(LightningCLI):
             if not entry.init_args.get("name"):
                 entry.init_args["name"] = name
         for entry in csv_:
-            entry.class_path = "metarec.loggers.CSVLogger"  # appends when a run is resumed
             entry.init_args["save_dir"] = str(root)
             entry.init_args["name"] = name
             entry.init_args["version"] = ""
