@@ -66,10 +66,11 @@ def test_offline_run_records_checkpoint_artifact(in_tmp, monkeypatch):
                   if type(c).__name__ == "ModelCheckpoint"]
     saved = {Path(ckpt_cb.best_model_path).resolve(), Path(ckpt_cb.last_model_path).resolve()}
     assert all(p.is_file() for p in saved)
-    # The W&B project ("metarec", which the CLI used to lose) names the checkpoint folder.
-    assert Path(ckpt_cb.dirpath).resolve().parent.parent == (in_tmp / "runs" / "metarec").resolve()
+    # One run, one folder: runs/<run>/checkpoints beside runs/<run>/wandb (W&B run id <run>).
+    folder = Path(ckpt_cb.dirpath).resolve().parent
+    assert folder.parent == (in_tmp / "runs").resolve() and Path(ckpt_cb.dirpath).name == "checkpoints"
     wandb.finish()  # flush the run file (a CLI process does this at exit)
-    (run_file,) = (in_tmp / "runs" / "wandb").glob("offline-run-*/run-*.wandb")
+    (run_file,) = (folder / "wandb").glob(f"offline-run-*/run-{folder.name}.wandb")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         records = list(read_records(run_file))
