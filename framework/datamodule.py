@@ -15,14 +15,24 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from metarec import registry
 from metarec.data.episodes import EpisodeCollator, EpisodicCollator, SupportSweepCollator
+from metarec.data.errors import ConfigError
 from metarec.data.table import InteractionTable
-from metarec.data.tasks import TaskConfig, TaskSplits, build_tasks
+from metarec.data.tasks import (
+    ScenarioConfig,
+    TaskConfig,
+    TaskSplits,
+    build_scenario_tasks,
+    build_tasks,
+)
 from metarec.ranges import PositiveInt
 from metarec.schema import DataSchema
 
 # The datamodule's hyperparameters (in checkpoints) may hold a TaskConfig: let
 # torch.load(weights_only=True), Lightning's default, read it.
-torch.serialization.add_safe_globals([TaskConfig])
+torch.serialization.add_safe_globals([TaskConfig, ScenarioConfig])
+
+# The stages of ``data.warmup`` (item cold-start papers: cold, then warm-up a, b, c).
+WARMUP_STAGES = ("cold", "warm_a", "warm_b", "warm_c")
 
 
 class _TaskIndices:
@@ -249,6 +259,16 @@ class EpisodeDataModule(pl.LightningDataModule):
             format: :func:`metarec.contract.write_split_file`), instead of drawing them; the
             support is every other interaction. A file that disagrees with the data is an error
             naming the user or item.
+        warmup: ``k``: the item cold-start warm-up evaluation (MetaEmb, MWUF, CVAR): every
+            validation/test task is scored at four stages on the same query, ``cold`` (no
+            support: side information only), ``warm_a``, ``warm_b``, ``warm_c`` (its first
+            ``k``, ``2k``, ``3k`` interactions in time order as support); metrics are keyed
+            ``{split}/{stage}/...``. Needs ``tasks.query_strategy: chronological`` with
+            ``tasks.support_size >= 3k`` (the query then follows every stage). Replaces
+            ``eval_support``. Off by default.
+        scenario: MeLU's four partitions (:class:`metarec.data.tasks.ScenarioConfig`):
+            meta-train on existing users x existing items, validate and test on the partition
+            ``scenario.name`` names. Off by default.
     """
 
     def __init__(self, dataset: str = "synthetic", dataset_args: dict[str, Any] | None = None,
@@ -259,7 +279,9 @@ class EpisodeDataModule(pl.LightningDataModule):
                  eval_support: list[PositiveInt | None] | None = None,
                  train_support: tuple[PositiveInt, PositiveInt] | None = None,
                  resample_query: bool = False, split_file: str | None = None,
-                 bucket_by_length: bool = False, multihot_bags: bool = False) -> None:
+                 bucket_by_length: bool = False, multihot_bags: bool = False,
+                 warmup: PositiveInt | None = None,
+                 scenario: ScenarioConfig | None = None) -> None:
         super().__init__()
         # Stored in checkpoints (``datamodule_hyper_parameters``); the loggers get the recipe.
         self.save_hyperparameters(logger=False)
@@ -291,6 +313,21 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.dataset_name = dataset
         self.dataset_args = dict(dataset_args or {})
         self.task_config = tasks or TaskConfig()
+        self.warmup = None if warmup is None else int(warmup)
+        self.scenario = scenario
+        if self.warmup is not None:
+            cfg = self.task_config
+            if self.warmup < 1 or eval_support is not None:
+                raise ConfigError(f"data.warmup must be >= 1 (got {warmup}) and replaces "
+                                  "data.eval_support (set only one)")
+            if cfg.query_strategy != "chronological" or cfg.support_size < 3 * self.warmup:
+                raise ConfigError(f"data.warmup: {self.warmup} scores each task after its first "
+                                  f"{self.warmup}, {2 * self.warmup} and {3 * self.warmup} "
+                                  "interactions in time order: set tasks.query_strategy: "
+                                  f"chronological and tasks.support_size >= {3 * self.warmup}")
+        if scenario is not None and (split_file is not None or folds is not None):
+            raise ConfigError("data.scenario makes its own split: it cannot be combined with "
+                              "data.split_file or data.folds")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle
         self._table: InteractionTable | None = None
@@ -312,8 +349,13 @@ class EpisodeDataModule(pl.LightningDataModule):
                 from metarec.contract import read_split_file
 
                 assignment = read_split_file(self.split_file, self.table)
-            self._splits = build_tasks(self.table, self.task_config, self.seed,
-                                       folds=self.folds, fold=self.fold, assignment=assignment)
+            if self.scenario is not None:
+                self._splits = build_scenario_tasks(self.table, self.task_config, self.scenario,
+                                                    self.seed)
+            else:
+                self._splits = build_tasks(self.table, self.task_config, self.seed,
+                                           folds=self.folds, fold=self.fold,
+                                           assignment=assignment)
         return self._splits
 
     @property
@@ -321,7 +363,8 @@ class EpisodeDataModule(pl.LightningDataModule):
         """The data schema the backbone is built from (feedback mode as the tasks define it)."""
         base = self.table.schema
         return DataSchema(base.num_users, base.num_items, base.features, self.splits.feedback,
-                          base.rating_range if self.splits.feedback == "explicit" else None)
+                          base.rating_range if self.splits.feedback == "explicit" else None,
+                          task_by=self.task_config.task_by)
 
     def setup(self, stage: str | None = None) -> None:
         self.splits  # noqa: B018 - build once, before the loaders are requested
@@ -338,7 +381,11 @@ class EpisodeDataModule(pl.LightningDataModule):
         tasks = self.splits[split]
         episodic = split == "train" and (self.train_support is not None or self.resample_query)
         bags = self.multihot_bags
-        if split != "train" and self.eval_support is not None:
+        if split != "train" and self.warmup is not None:
+            k = self.warmup
+            collate = SupportSweepCollator(tasks, self.table, [0, k, 2 * k, 3 * k],
+                                           self.history_length, bags, labels=list(WARMUP_STAGES))
+        elif split != "train" and self.eval_support is not None:
             collate = SupportSweepCollator(tasks, self.table, self.eval_support,
                                            self.history_length, bags)
         elif episodic:

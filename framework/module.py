@@ -332,15 +332,18 @@ class MetaLearner(pl.LightningModule):
         """One row per (test user, support cap, adaptation step), from every rank: the raw user
         id, ``k`` (the cap: ``"5"``, ``"all"``), ``step``, ``support_size``, ``diverged`` and
         every per-user metric (:func:`metarec.metrics.per_task_metrics`; NaN where undefined)."""
-        keys = getattr(getattr(self._trainer, "datamodule", None), "table", None)
-        keys = getattr(keys, "user_keys", None)
+        datamodule = getattr(self._trainer, "datamodule", None)
+        by_item = getattr(getattr(datamodule, "task_config", None), "task_by", "user") == "item"
+        keys = getattr(getattr(datamodule, "table", None), "item_keys" if by_item else "user_keys",
+                       None)  # tasks per item: the row's "user" is the task's item
         rows = []
         for label, step, users, sizes, diverged, per_task in getattr(self, "_user_parts", []):
             values = {name: v.tolist() for name, v in per_task.items()}
             for i, user in enumerate(users.tolist()):
                 raw = keys[user] if keys is not None else user
                 rows.append({"user": raw.item() if hasattr(raw, "item") else raw,
-                             "k": label[1:] if label else "all", "step": step,
+                             "k": (label[1:] if label.startswith("k") else label) if label
+                             else "all", "step": step,
                              "support_size": int(sizes[i]), "diverged": bool(diverged[i]),
                              **{name: v[i] for name, v in values.items()}})
         if torch.distributed.is_available() and torch.distributed.is_initialized() \

@@ -38,6 +38,9 @@ class DataSchema:
     features: tuple[FeatureSpec, ...] = field(default_factory=tuple)
     feedback: Feedback = "explicit"
     rating_range: tuple[float, float] | None = (1.0, 5.0)
+    # What a task is (``data.tasks.task_by``): "user" (one task per user, the default) or "item".
+    # Backbones whose fast parameters belong to one side (mf) follow it.
+    task_by: Literal["user", "item"] = "user"
 
     def of(self, owner: Owner) -> tuple[FeatureSpec, ...]:
         """The feature specs that belong to users or to items."""

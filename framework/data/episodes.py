@@ -37,7 +37,9 @@ ENCODED = "_encoded"
 
 @dataclass
 class EpisodeBatch:
-    """A batch of tasks. ``users`` holds each task's contiguous user id."""
+    """A batch of tasks. ``users`` holds each task's contiguous user id (with tasks per item,
+    ``data.tasks.task_by: item``, each task's item id; the slots' ``user_id`` are then the
+    users who interacted with it)."""
 
     users: torch.Tensor
     support: FeatureBatch
@@ -70,6 +72,10 @@ class EpisodeCollator:
         self.tasks = tasks
         self.history_length = history_length
         self.bags = bags
+        self.by_item = getattr(tasks, "task_by", "user") == "item"
+        if self.by_item and history_length is not None:
+            raise ValueError("data.history_length (a user's history) cannot be combined with "
+                             "data.tasks.task_by: item")
 
         def values(f) -> torch.Tensor:
             v = torch.from_numpy(f.values)
@@ -134,12 +140,26 @@ class EpisodeCollator:
         # Trim the padding to the longest task of this batch.
         width = max(int(mask.sum(1).max()), 1)
         items, labels, times, mask = (x[:, :width] for x in (items, labels, times, mask))
+        if self.by_item:  # tasks per item: `users` are the task items, the slots hold users
+            return self._item_side(users, items, labels, times, mask)
         user_ids = users[:, None].expand_as(items)
         out: FeatureBatch = {"user_id": user_ids, "item_id": items}
         for key, values in self.user_features.items():
             out[key] = values[users][:, None].expand(*items.shape, *values.shape[1:])
         for key, values in self.item_features.items():
             out[key] = values[items]
+        out.update(label=labels, mask=mask, time=times)
+        return out
+
+    def _item_side(self, task_items: torch.Tensor, users: torch.Tensor, labels: torch.Tensor,
+                   times: torch.Tensor, mask: torch.Tensor) -> FeatureBatch:
+        """:meth:`_side` of tasks per item: slot users ``(B, N)``, the task's item in every slot."""
+        item_ids = task_items[:, None].expand_as(users)
+        out: FeatureBatch = {"user_id": users, "item_id": item_ids}
+        for key, values in self.user_features.items():
+            out[key] = values[users]
+        for key, values in self.item_features.items():
+            out[key] = values[task_items][:, None].expand(*users.shape, *values.shape[1:])
         out.update(label=labels, mask=mask, time=times)
         return out
 
@@ -154,8 +174,11 @@ class SupportSweepCollator:
     """
 
     def __init__(self, tasks: TaskSet, table: InteractionTable, caps: list[int | None],
-                 history_length: int | None = None, bags: bool = False) -> None:
-        labels = [support_label(k) for k in caps]
+                 history_length: int | None = None, bags: bool = False,
+                 labels: list[str] | None = None) -> None:
+        # ``labels`` (optional) name the caps instead of support_label (data.warmup: cold,
+        # warm_a, ...).
+        labels = [support_label(k) for k in caps] if labels is None else list(labels)
         if not caps or len(set(labels)) != len(labels):
             raise ValueError(f"data.eval_support must list distinct caps (ints >= 1 or null), "
                              f"got {caps}")

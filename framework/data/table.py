@@ -18,6 +18,9 @@ class Feature:
 
     spec: FeatureSpec
     values: np.ndarray  # (num_entities,) int64 codes, or (num_entities, cardinality) 0/1 float32
+    # Optional: the raw value of each code of a categorical feature (``vocabulary[code]``), e.g.
+    # a release year, for rules on raw values (``data.scenario``'s new items).
+    vocabulary: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         spec = self.spec

@@ -142,12 +142,13 @@ def item_features(genres: np.ndarray, year: np.ndarray) -> list[Feature]:
     """Multi-hot genres and release year (``"unknown"`` where not four digits, sorting last);
     inputs in contiguous-id order."""
     year = year.astype(str)
-    codes, _ = encode_ids(np.where(np.char.isdigit(year) & (np.char.str_len(year) == 4),
-                                   year, "unknown"))
+    codes, keys = encode_ids(np.where(np.char.isdigit(year) & (np.char.str_len(year) == 4),
+                                      year, "unknown"))
     return [
         Feature(FeatureSpec("genre", "item", "multihot", genres.shape[1]),
                 genres.astype(np.float32)),
-        Feature(FeatureSpec("year", "item", "categorical", int(codes.max()) + 1), codes),
+        Feature(FeatureSpec("year", "item", "categorical", int(codes.max()) + 1), codes,
+                vocabulary=tuple(str(k) for k in keys)),
     ]
 
 
