@@ -469,11 +469,13 @@ def build_scenario_tasks(table: InteractionTable, config: TaskConfig, scenario: 
 
     - Users passing the count filter are split existing / new (:func:`scenario_partition`);
       items existing / new.
-    - Every existing user holds out ``query_size`` random existing-item interactions (the warm
-      query, never trained on). **train**: existing users, pool = their other existing-item
-      interactions; query = ``query_size`` random ones of the pool, support = the rest. The
-      same in every scenario, so one trained model can be tested on all four.
-    - **val / test**: the scenario's users (existing for warm and new_item, new otherwise) are
+    - Every existing user with more than ``2 * query_size`` existing-item interactions holds out
+      ``query_size`` random ones (the warm query, never trained on). **train**: existing users,
+      pool = their other existing-item interactions; query = ``query_size`` random ones of the
+      pool, support = the rest. The same in every scenario, so one trained model can be tested
+      on all four.
+    - **val / test**: the scenario's users (existing ones, i.e. meta-training users, for warm
+      and new_item; new ones otherwise) are
       split between val and test in the ratio ``split[1] : split[2]``; a task's pool is the
       user's interactions with the scenario's items. warm: query = the held-out warm query,
       support = the rest of the pool (the user's training interactions); otherwise query =
@@ -502,7 +504,7 @@ def build_scenario_tasks(table: InteractionTable, config: TaskConfig, scenario: 
     sel = rows[in_existing]
     rank = _random_rank(table.users[sel], rng)
     counts = np.bincount(table.users[sel], minlength=table.num_users)
-    warm[sel[(rank < q) & (counts[table.users[sel]] > q)]] = True
+    warm[sel[(rank < q) & (counts[table.users[sel]] > 2 * q)]] = True  # the rest keeps > q
 
     def tasks_from(mask: np.ndarray, users_split: np.ndarray, query: np.ndarray) -> TaskSplits:
         """build_tasks on the rows of ``mask`` with the given user splits and query rows."""
@@ -529,7 +531,8 @@ def build_scenario_tasks(table: InteractionTable, config: TaskConfig, scenario: 
 
     cold_users = scenario.name in ("new_user", "new_user_new_item")
     cold_items = scenario.name in ("new_item", "new_user_new_item")
-    group = new_user if cold_users else existing_user
+    # An existing user is one meta-trained on (a task of the train split).
+    group = new_user if cold_users else train_users
     eval_rows = group[table.users] & (new_item[table.items] if cold_items
                                       else ~new_item[table.items])
     if scenario.name == "warm":
