@@ -200,3 +200,55 @@ def test_mf_item_side_fast_parameters_and_score():
         "user_default", "user_default_bias"]
     with pytest.raises(ValueError, match="use_item_table"):
         MatrixFactorization(DataSchema(3, 4), use_item_table=True)
+
+
+SYNTH = {"num_users": 200, "num_items": 40, "min_interactions": 10, "max_interactions": 25,
+         "seed": 5}
+
+
+def _warmup_datamodule(**kw):
+    from metarec.datamodule import EpisodeDataModule
+
+    tasks = _item_config(feedback="implicit", positive_threshold=4.0, negatives_per_positive=0,
+                         support_size=6, query_size=10)
+    return EpisodeDataModule(dataset="synthetic", dataset_args=SYNTH, tasks=tasks, warmup=2,
+                             batch_size=4, eval_batch_size=8, **kw)
+
+
+def test_warmup_evaluation_end_to_end(tmp_path):
+    """Stages cold, warm_a/b/c: AUC and F1 each, one query for all, cold = no support."""
+    import lightning.pytorch as pl
+
+    from metarec.module import MetaLearner
+
+    dm = _warmup_datamodule()
+    batch = next(iter(dm.test_dataloader()))
+    assert list(batch) == ["cold", "warm_a", "warm_b", "warm_c"]
+    assert [int(b.support["mask"].sum(1).max()) for b in batch.values()] == [0, 2, 4, 6]
+    model = MetaLearner(backbone="mf", backbone_args={"embedding_dim": 4}, algorithm="maml",
+                        algorithm_args={"inner_steps": 1, "inner_lr": 0.1}, schema=dm.schema)
+    assert model.functional.split()[0].keys() == {"item_default", "item_default_bias"}
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         inference_mode=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    out = trainer.test(model, datamodule=dm, verbose=False)[0]
+    for stage in ("cold", "warm_a", "warm_b", "warm_c"):
+        assert {f"test/{stage}/auc", f"test/{stage}/f1"} <= set(out)
+    # No support: nothing to adapt on, the cold stage's adapted score is its start's.
+    assert out["test/cold/auc"] == pytest.approx(out["test/cold/step0/auc"])
+    # Every stage starts from the same (item-independent) start: same step-0 numbers.
+    assert out["test/warm_c/step0/auc"] == pytest.approx(out["test/cold/step0/auc"])
+    rows = model.user_results
+    assert {r["k"] for r in rows} == {"cold", "warm_a", "warm_b", "warm_c"}
+
+
+def test_warmup_needs_chronological_tasks():
+    from metarec.datamodule import EpisodeDataModule
+
+    with pytest.raises(ConfigError, match="chronological"):
+        EpisodeDataModule(dataset="synthetic", tasks=TaskConfig(), warmup=2)
+    with pytest.raises(ConfigError, match="support_size >= 9"):
+        EpisodeDataModule(dataset="synthetic", tasks=_item_config(support_size=6), warmup=3)
+    with pytest.raises(ConfigError, match="eval_support"):
+        EpisodeDataModule(dataset="synthetic", tasks=_item_config(), warmup=2, eval_support=[1])
