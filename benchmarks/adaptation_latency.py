@@ -259,6 +259,20 @@ def run(args: argparse.Namespace) -> dict:
             goal[row["mode"]] = {"single_p50_under_5ms": row["single_p50_ms"] < 5.0,
                                  "batched_over_1000_users_per_s": row["batched_users_per_s"] > 1000}
     result["goal_melu_5_steps"] = goal
+    # Issue 14's targets: melu 5 steps one user p50 <= 2 ms eager, <= 1 ms compiled, >= 5,000
+    # users/s batched; transformer top-10 over every item p50 <= 5 ms.
+    targets: dict = {}
+    for row in result.get("melu", {}).get("results", []):
+        if row["steps"] == 5 and "error" not in row:
+            limit = 2.0 if row["mode"] == "eager" else 1.0
+            targets[f"melu_{row['mode']}"] = {
+                f"single_p50_at_most_{limit:g}ms": row["single_p50_ms"] <= limit,
+                "batched_at_least_5000_users_per_s": row["batched_users_per_s"] >= 5000}
+    for row in result.get("transformer", {}).get("results", []):
+        if "error" not in row and row["mode"] == "eager":
+            targets.setdefault("transformer_recommend_p50_at_most_5ms",
+                               row["recommend_p50_ms"] <= 5.0)
+    result["targets_issue_14"] = targets
     result["machine"]["load_average_end"] = os.getloadavg()
     return result
 
