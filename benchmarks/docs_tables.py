@@ -54,6 +54,7 @@ TABLES: dict[str, tuple[str, str | Render]] = {
     "ddp-scaling": ("benchmarks/results/ddp_scaling.json", "ddp_scaling:markdown"),
     "cold-start": ("benchmarks/results/cold_start.json", "cold_start:markdown"),
     "few-shot": ("benchmarks/results/fewshot.json", "cold_start:markdown"),
+    "literature": ("benchmarks/results/literature.json", "cold_start:markdown"),
 }
 
 # Each comment on a line of its own (so prose can quote them inline); blocks do not nest.
