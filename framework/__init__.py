@@ -21,7 +21,8 @@ _EXPORTS: dict[str, str] = {
                      "load_checkpoint", "train_recipe"], "metarec.checkpoint"),
     **dict.fromkeys(["ENCODED", "ConfigError", "DataError", "EpisodeBatch", "EpisodeCollator",
                      "Feature", "FeatureBatch", "InteractionTable", "TaskConfig", "build_tasks",
-                     "encode_ids", "inputs", "numeric_column", "read_frame", "require_columns"],
+                     "encode_ids", "inputs", "numeric_column", "read_frame", "require_columns",
+                     "FilterReport", "id_column", "require_rows"],
                     "metarec.data"),
     "Dataset": "metarec.dataset",
     **dict.fromkeys(["SGD", "Adam", "FunctionalModel", "InnerOptimizer", "Objective", "Params",
@@ -71,14 +72,17 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         EpisodeCollator,
         Feature,
         FeatureBatch,
+        FilterReport,
         InteractionTable,
         TaskConfig,
         build_tasks,
         encode_ids,
+        id_column,
         inputs,
         numeric_column,
         read_frame,
         require_columns,
+        require_rows,
     )
     from metarec.dataset import Dataset  # noqa: F401
     from metarec.functional import (  # noqa: F401

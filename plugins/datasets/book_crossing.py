@@ -36,13 +36,14 @@ from metarec import (
     Dataset,
     Feature,
     FeatureSpec,
+    FilterReport,
     InteractionTable,
     PositiveInt,
+    id_column,
     numeric_column,
     read_frame,
     require_columns,
 )
-from metarec.data import FilterReport, id_column
 from metarec_plugins.datasets import _files
 
 FILES = ("BX-Book-Ratings.csv", "BX-Users.csv", "BX-Books.csv")

@@ -41,14 +41,15 @@ from metarec import (
     Dataset,
     Feature,
     FeatureSpec,
+    FilterReport,
     InteractionTable,
     PositiveInt,
     encode_ids,
+    id_column,
     numeric_column,
     read_frame,
     require_columns,
 )
-from metarec.data import FilterReport, id_column
 
 MISSING = "<missing>"
 SEPARATORS = ("::", "\t", ",", ";", "|")  # tried in this order when sep is not given

@@ -30,8 +30,8 @@ from metarec import (
     encode_ids,
     numeric_column,
     read_frame,
+    require_rows,
 )
-from metarec.data import require_rows
 from metarec_plugins.datasets import _files
 
 URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
