@@ -387,6 +387,9 @@ SPARSE_OPTIMIZERS = ("metarec.optim.LazyAdam", "torch.optim.SGD", "torch.optim.A
 DATA_RANGES = (("batch_size", 1), ("eval_batch_size", 1), ("num_workers", 0))
 
 
+YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def validate_recipe(config: Any, raw_strings: dict[str, str] | None = None) -> list[str]:
     """What is wrong with a parsed recipe (one line each, naming the key), before instantiation.
 
@@ -412,7 +415,10 @@ def validate_recipe(config: Any, raw_strings: dict[str, str] | None = None) -> l
         if name is None:
             continue
         key = f"{section}.{field}_args"
-        args = dict(part.get(f"{field}_args") or {})
+        # PyYAML (YAML 1.1) reads an unquoted exponent without a dot (`1e6`) as a string;
+        # YAML 1.2 and every user read it as a number. Quoted strings come from raw_strings.
+        args = {k: float(v) if isinstance(v, str) and YAML11_FLOAT.fullmatch(v) else v
+                for k, v in dict(part.get(f"{field}_args") or {}).items()}
         args.update({k[len(key) + 1:]: v for k, v in raw_strings.items()
                      if k.startswith(key + ".") and k[len(key) + 1:] in args})
         try:
@@ -482,7 +488,8 @@ def raw_plugin_strings(args: Sequence[str]) -> dict[str, str]:
             dotted = f"{prefix}{key}"
             if dotted in wanted and isinstance(value, dict):
                 for arg, v in value.items():
-                    if isinstance(v, str) and "${" not in v:
+                    # `1e6` unquoted is a string to PyYAML (YAML 1.1): a number, not quoted.
+                    if isinstance(v, str) and "${" not in v and not YAML11_FLOAT.fullmatch(v):
                         found[f"{dotted}.{arg}"] = v
                     else:
                         found.pop(f"{dotted}.{arg}", None)
