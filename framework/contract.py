@@ -75,6 +75,10 @@ def trained_on(ckpt: dict[str, Any], splits: TaskSplits,
     if record is None:
         return None
     saved_keys = (ckpt.get("metarec_data") or {}).get("user_keys")
+    if getattr(splits, "task_by", "user") == "item":
+        # Tasks per item: the split holds item ids, which the callers' user keys do not name;
+        # compare contiguous item ids.
+        saved_keys = user_keys = None
     return overlap(record, saved_keys, splits, user_keys, split)
 
 
