@@ -252,3 +252,17 @@ def test_warmup_needs_chronological_tasks():
         EpisodeDataModule(dataset="synthetic", tasks=_item_config(support_size=6), warmup=3)
     with pytest.raises(ConfigError, match="eval_support"):
         EpisodeDataModule(dataset="synthetic", tasks=_item_config(), warmup=2, eval_support=[1])
+
+
+@pytest.mark.parametrize("recipe", ["mf-maml", "melu-maml"])
+def test_task_by_item_on_the_command_line(recipe, ml100k, in_tmp):
+    """Issue 13's acceptance: ``--data.tasks.task_by item`` runs a user-side recipe's backbone
+    (mf, melu) on tasks per item through the CLI."""
+    from conftest import REPO
+    from metarec.cli import MetarecCLI
+
+    cli = MetarecCLI(args=["fit", "--config", str(REPO / "recipes/movielens-100k" / f"{recipe}.yaml"),
+                           "--data.tasks.task_by", "item", "--trainer.fast_dev_run", "1"])
+    assert cli.datamodule.schema.task_by == "item"
+    assert cli.trainer.global_step == 1
+    assert bool(cli.trainer.callback_metrics["val/loss"].isfinite())
