@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(["Adapter", "Recommendations", "UserSession"], "metarec.adapter"),
+    **dict.fromkeys(["Adapter", "ItemSession", "RankedUsers", "Recommendations", "Session",
+                     "UserSession"], "metarec.adapter"),
     "MetaAlgorithm": "metarec.algorithm",
     "Backbone": "metarec.backbone",
     **dict.fromkeys(["building_for_inference", "for_inference", "load_backbone",
@@ -54,7 +55,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from metarec.adapter import Adapter, Recommendations, UserSession  # noqa: F401
+    from metarec.adapter import (  # noqa: F401
+        Adapter,
+        ItemSession,
+        RankedUsers,
+        Recommendations,
+        Session,
+        UserSession,
+    )
     from metarec.algorithm import MetaAlgorithm  # noqa: F401
     from metarec.backbone import Backbone  # noqa: F401
     from metarec.checkpoint import (  # noqa: F401

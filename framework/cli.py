@@ -78,7 +78,8 @@ RECIPE_COMMANDS: dict[str, str] = {
 }
 EXTRA_COMMANDS: dict[str, str] = {
     "plugins": "List the registered plugins, or describe one: metarec plugins maml.",
-    "adapt": "Adapt users of an interactions file with a checkpoint; top-k as JSON Lines.",
+    "adapt": "Adapt users (or a task_by: item checkpoint's items) of an interactions file with "
+             "a checkpoint; top-k as JSON Lines.",
     "simulate": "Replay held-out users' feedback through adaptation policies (curves.csv/png).",
 }
 COMMANDS: dict[str, str] = {**RECIPE_COMMANDS, **EXTRA_COMMANDS}
@@ -188,16 +189,18 @@ def add_adapt_arguments(parser: Any) -> None:
     parser.add_argument("--ckpt_path", type=str, required=True,
                         help="checkpoint made by metarec fit")
     parser.add_argument("--interactions", type=str, required=True,
-                        help="CSV/Parquet file with columns user,item,label[,timestamp]")
-    parser.add_argument("--k", type=PositiveInt, default=10, help="recommendations per user")
+                        help="CSV/Parquet file with columns user,item,label[,timestamp] (grouped by "
+                             "user, or by item for a checkpoint of tasks per item)")
+    parser.add_argument("--k", type=PositiveInt, default=10, help="recommendations per user (users per item with tasks per item)")
     parser.add_argument("--policy", type=str | None, default=None,
                         help="adaptation policy (default: the checkpoint's)")
     parser.add_argument("--policy_args", type=dict | None, default=None,
                         help="policy arguments, e.g. '{steps: 5}'")
     parser.add_argument("--include_seen", type=bool, default=False,
-                        help="also recommend items the user has interacted with")
+                        help="also recommend items the user has interacted with (users in the item's "
+                             "rows, with tasks per item)")
     parser.add_argument("--batch_users", type=PositiveInt, default=1024,
-                        help="users adapted per vmapped call")
+                        help="users (items, with tasks per item) adapted per call")
     parser.add_argument("--device", type=str, default="cpu")
     parser.add_argument("--seed", type=int | None, default=None)
 
