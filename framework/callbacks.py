@@ -215,27 +215,29 @@ class PredictionWriter(BasePredictionWriter):
 
         variants = batch.items() if isinstance(batch, dict) else [(None, batch)]
         adapter = self._adapter
+        # Tasks per user rank items; tasks per item (task_by: item) rank users.
+        side, other = adapter.task_by, adapter.other
         with torch.enable_grad():
             for label, tasks in variants:
                 support = tasks.support
-                users = tasks.users.tolist()
+                entities = tasks.users.tolist()  # the task entities: users or items
                 events = []
-                for t in range(len(users)):
+                for t in range(len(entities)):
                     m = support["mask"][t].bool()
-                    items, labels = support["item_id"][t][m], support["label"][t][m].float()
+                    ids, labels = support[f"{other}_id"][t][m], support["label"][t][m].float()
                     times = support["time"][t][m] if "time" in support else None
                     if times is not None:  # oldest first, as the adapter replays events
                         order = torch.argsort(times, stable=True)
-                        items, labels, times = items[order], labels[order], times[order]
-                    events.append((items, labels, times))
-                sessions = adapter._adapt(users, events, None, None)
-                for user, session in zip(users, sessions):
+                        ids, labels, times = ids[order], labels[order], times[order]
+                    events.append((ids, labels, times))
+                sessions = adapter._adapt(entities, events, None, None)
+                for entity, session in zip(entities, sessions):
                     rec = session.recommend(self.k, exclude_seen=not self.include_seen)
-                    row = {"user": _plain(adapter.decode_user(user))}
+                    row = {side: _plain(adapter.codecs[side].decode_one(entity))}
                     if label is not None:
                         row["k"] = label[1:] if label else "all"
-                    row.update(items=[_plain(i) for i in adapter.decode_items(rec.items)],
-                               scores=[float(x) for x in rec.scores])
+                    row[f"{other}s"] = [_plain(i) for i in adapter.codecs[other].decode(rec.ids)]
+                    row["scores"] = [float(x) for x in rec.scores]
                     self._file.write(json.dumps(row) + "\n")
                     self.written += 1
 
@@ -243,7 +245,8 @@ class PredictionWriter(BasePredictionWriter):
         if self._file is not None:
             self._file.close()
             self._file = None
-            print(f"metarec predict: wrote the top-{self.k} of {self.written} users to "
+            print(f"metarec predict: wrote the top-{self.k} of {self.written} "
+                  f"{self._adapter.task_by}s to "
                   f"{self._path}", flush=True)
 
 

@@ -356,3 +356,27 @@ def test_metarec_adapt_bad_input_names_file_row_and_field(fitted, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("metarec adapt: error:") and message in err, err
     assert len(err.strip().splitlines()) <= 2
+
+
+def test_metarec_predict_writes_k_users_per_test_item(fitted, tmp_path, capsys):
+    """``metarec predict`` on an item checkpoint: one line per test item, its top users (not
+    its support users), the same as ``adapt_item(...).recommend``."""
+    ckpt, cli = fitted
+    out = tmp_path / "top.jsonl"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        main(["predict", "--ckpt_path", str(ckpt), "--predictions.path", str(out),
+              "--predictions.k", "4", *QUIET])
+    finally:
+        os.chdir(cwd)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    streams, tasks = _streams(cli)
+    assert sorted(x["item"] for x in lines) == sorted(streams)
+    adapter = Adapter.from_checkpoint(ckpt)
+    for x in lines[:3]:
+        assert set(x) == {"item", "users", "scores"} and len(x["users"]) == 4
+        assert not set(x["users"]) & {u for u, _, _ in streams[x["item"]]}
+        expected = adapter.adapt_item(streams[x["item"]], item=x["item"]).recommend(4)
+        assert x["users"] == expected.users.tolist()
+    assert f"wrote the top-4 of {len(lines)} items" in capsys.readouterr().out
