@@ -12,8 +12,11 @@ from metarec.cli import MetarecCLI
 
 ALGORITHMS = sorted(i.alias for i in available("algorithms") if i.distribution == "metarec")
 BACKBONES = sorted(i.alias for i in available("backbones") if i.distribution == "metarec")
-# Algorithms defined with their paper's model (a clear error at build time on any other).
-PAIRED_WITH = {"mamo": {"mamo"}, "tanp": {"tanp"}}
+# Algorithms defined with their paper's model (a clear error at build time on any other); mwuf
+# and cvar: mf's item side (its per-item id rows and, for mwuf, its user rows).
+PAIRED_WITH = {"mamo": {"mamo"}, "tanp": {"tanp"}, "mwuf": {"mf"}, "cvar": {"mf"}}
+# Algorithms that warm up new items' id embeddings: they run on tasks per item.
+ITEM_TASKS = {"mwuf", "cvar"}
 IMPLICIT = ["--data.tasks.feedback", "implicit", "--data.tasks.positive_threshold", "4"]
 HAS_L2L = importlib.util.find_spec("learn2learn") is not None
 
@@ -58,6 +61,8 @@ def test_fast_dev_run(algorithm, backbone, teacher, in_tmp):
             "--model.backbone", backbone, "--model.backbone_args", "{}", *history_args(backbone)]
     if algorithm == "distill":
         args += ["--model.algorithm_args", f"{{teacher_checkpoint: {teacher(backbone)}}}"]
+    if algorithm in ITEM_TASKS:
+        args += ["--data.tasks.task_by", "item", "--data.tasks.max_interactions", "100000"]
     try:
         trainer = MetarecCLI(args=args).trainer
     except PluginError as err:  # a classifier of 0/1 labels (lwa, nlba): the implicit variant
