@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from torch.func import vmap
 
 from metarec import contract, registry
 from metarec.checkpoint import init_checkpoint, load_backbone_weights
@@ -44,26 +45,32 @@ def guard_iterates(model: FunctionalModel, iterates: list[Params], slow: Params,
         return iterates, [none] * len(iterates), \
             [score(f) for f in iterates] if score is not None else None
     with torch.no_grad():
-        first = model.loss_tasks(iterates[0], slow, support)
-        start_scores = score(iterates[0]) if score is not None else None
-        diverged, flags, guarded, scores = none, [none], [iterates[0]], [start_scores]
-        for fast in iterates[1:]:
-            loss = model.loss_tasks(fast, slow, support)
-            bad = ~torch.isfinite(loss) | (loss > guard.factor * first.clamp_min(1e-12))
-            for value in fast.values():
-                bad = bad | ~torch.isfinite(value.reshape(n, -1)).all(1)
-            step_scores = score(fast) if score is not None else None
-            if step_scores is not None:
-                bad = bad | ~(torch.isfinite(step_scores) | ~query["mask"]).all(1)
-            diverged = diverged | bad
-            if guard.fallback == "start" and bool(diverged.any()):
-                fast = {k: torch.where(diverged.view(-1, *([1] * (v.ndim - 1))),
-                                       iterates[0][k], v) for k, v in fast.items()}
-                if step_scores is not None:
-                    step_scores = torch.where(diverged[:, None], start_scores, step_scores)
-            flags.append(diverged)
-            guarded.append(fast)
-            scores.append(step_scores)
+        # Every iterate at once: one (vmapped) pass over the stacked iterates instead of one
+        # pass per step (the same numbers; per-call overhead dominates small models).
+        stacked = {k: torch.stack([f[k] for f in iterates]) for k in iterates[0]}
+        losses = vmap(lambda f: model.loss_tasks(f, slow, support),
+                      randomness="different")(stacked)  # (steps + 1, n)
+        all_scores = (vmap(score, randomness="different")(stacked)
+                      if score is not None else None)  # (steps + 1, n, Q)
+        first = losses[0]
+        bad = ~torch.isfinite(losses) | (losses > guard.factor * first.clamp_min(1e-12))
+        for value in stacked.values():
+            bad = bad | ~torch.isfinite(value.reshape(len(iterates), n, -1)).all(-1)
+        if all_scores is not None:
+            bad = bad | ~(torch.isfinite(all_scores) | ~query["mask"]).all(-1)
+        bad[0] = False  # the start is the fallback: never flagged
+        diverged = torch.cummax(bad.to(torch.int8), 0).values.bool()  # stays diverged
+        flags = list(diverged.unbind(0))
+        scores = list(all_scores.unbind(0)) if all_scores is not None else [None] * len(iterates)
+        guarded = list(iterates)
+        if guard.fallback == "start" and bool(diverged.any()):
+            for i in range(1, len(iterates)):
+                if not bool(diverged[i].any()):
+                    continue
+                guarded[i] = {k: torch.where(diverged[i].view(-1, *([1] * (v.ndim - 1))),
+                                             iterates[0][k], v) for k, v in iterates[i].items()}
+                if all_scores is not None:
+                    scores[i] = torch.where(diverged[i][:, None], scores[0], scores[i])
     return guarded, flags, scores if score is not None else None
 
 
