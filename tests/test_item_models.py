@@ -165,3 +165,30 @@ def test_nlba_biases_from_the_history():
 def test_lwa_needs_implicit_labels():
     with pytest.raises(ValueError, match="implicit"):
         LWA(DataSchema(3, 2, task_by="item"))
+
+
+def test_metaemb_replaces_an_old_items_own_row():
+    """With use_item_table an old item's pretrained row is removed from the generated start:
+    the item's whole id embedding is phi_default + g(x), as for a new item."""
+    schema = DataSchema(num_users=3, num_items=2, feedback="implicit", rating_range=None,
+                        task_by="item", features=(FeatureSpec("genre", "item", "categorical", 2),))
+    torch.manual_seed(0)
+    mf = MatrixFactorization(schema, embedding_dim=2, item_features=False,
+                             use_item_table=True).double()
+    with torch.no_grad():
+        mf.item_embedding.weight.copy_(torch.tensor([[5.0, -3.0], [0.0, 0.0]]))  # item 0 trained
+        mf.item_bias.weight.copy_(torch.tensor([[2.0], [0.0]]))
+    algo = MetaEmb(embedding_dim=3, hidden=(4,))
+    model = FunctionalModel(mf, select_parameters(mf, algo.select_fast(mf)), "implicit")
+    algo.bind(model)
+    algo.double()
+    with torch.no_grad():
+        algo.out.weight.normal_()
+    fast, slow = model.split()
+    sup = {k: v[0] for k, v in _item_batch().support.items()}  # item 0
+    g = algo.generate(sup)
+    start = algo.task_start(model, fast, slow, sup)
+    row = start["item_default"] + mf.item_embedding.weight[0]  # what mf adds for item 0
+    bias = start["item_default_bias"] + mf.item_bias.weight[0, 0]
+    assert torch.allclose(row, mf.item_default + g["item_default"])
+    assert torch.allclose(bias, mf.item_default_bias + g["item_default_bias"])

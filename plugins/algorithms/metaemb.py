@@ -19,7 +19,8 @@ parameters from the user's features (the paper's method applied to the other sid
 
 In metarec the item's "id embedding" is the backbone's fast parameters (mf's item side:
 ``item_default`` and ``item_default_bias``, which with ``use_item_table`` stand for a new item's
-own row). The generator is the task-conditioned start (:meth:`task_start`), so evaluation's cold
+own row; an old item's pretrained row ``T[i]`` is removed while the generator trains on it, so
+training sees what a new item has). The generator is the task-conditioned start (:meth:`task_start`), so evaluation's cold
 stage scores ``g(x_i)`` and the warm-up stages adapt it on the item's first ratings with this
 algorithm's inner loop (``inner_steps`` steps of ``inner_lr``).
 
@@ -34,7 +35,6 @@ of the pretrained rows without a tuned ``tanh`` scale.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -51,6 +51,7 @@ from metarec import (
     PositiveFloat,
     PositiveInt,
 )
+from metarec_plugins.algorithms.item_embedding import ItemIdEmbedding
 from metarec_plugins.backbones.twotower import FeatureEmbeddings, mlp
 
 
@@ -87,8 +88,10 @@ class MetaEmb(MetaAlgorithm):
             raise ValueError(f"metaemb generates the task {side}'s embedding from its "
                              f"features: this data has no {side} features")
         self.specs = list(specs)
-        self._shapes = {name: tuple(p.shape) for name, p in fast.items()}
-        size = sum(math.prod(s) for s in self._shapes.values())
+        # The task entity's id embedding (with mf's use_item_table, an old item's own trained
+        # row removed: the generated embedding replaces it, as for a new item).
+        self.ids = ItemIdEmbedding(model)
+        size = self.ids.size
         self.features = FeatureEmbeddings(specs, self.embedding_dim)
         self.body, width = mlp(self.embedding_dim * len(specs), self.hidden)
         self.out = nn.Linear(width, size)
@@ -102,19 +105,15 @@ class MetaEmb(MetaAlgorithm):
         """The generator's offsets ``MLP(e(x_i))`` of one task (its entity's features, read
         from the first slot: every slot of a task carries them, padding included)."""
         first = {s.key: support[s.key][0] for s in self.specs}
-        h = self.out(self.body(torch.cat(self.features(first), -1)))
-        out, start = {}, 0
-        for name, shape in self._shapes.items():
-            n = math.prod(shape)
-            out[name] = h[..., start:start + n].reshape(tuple(h.shape[:-1]) + tuple(shape))
-            start += n
-        return out
+        return self.ids.unflatten(self.out(self.body(torch.cat(self.features(first), -1))))
 
     def task_start(self, model: FunctionalModel, fast: Params, slow: Params,
                    support: FeatureBatch) -> Params:
-        """``phi_init = phi_default + g(x_i)``: the generated id embedding of the task's item."""
+        """``phi_init = phi_default + g(x_i)``: the generated id embedding of the task's item
+        (the fast values under which it is the item's whole id embedding)."""
         offsets = self.generate(support)
-        return {k: v + offsets[k] if k in offsets else v for k, v in fast.items()}
+        generated = {k: v + offsets[k] if k in offsets else v for k, v in fast.items()}
+        return self.ids.write(fast, slow, support, self.ids.flatten(generated))
 
     def outer_loss(self, model: FunctionalModel,
                    batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
