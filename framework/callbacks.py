@@ -171,8 +171,9 @@ class PredictionWriter(BasePredictionWriter):
     ``data.eval_support``, one line per user and support cap, with ``"k"``), the format of
     ``metarec adapt``. The user is adapted on its support set by :class:`metarec.Adapter`,
     the deployment path (the model's policy, from the meta-learned start), and the items it
-    has interacted with are left out unless ``include_seen``. Under DDP each rank writes
-    ``<path>.rank<r>``.
+    has interacted with are left out unless ``include_seen``. With tasks per item
+    (``task_by: item``) each test item gets its top users instead (``{"item": id, "users":
+    [ids], "scores": [floats]}``). Under DDP each rank writes ``<path>.rank<r>``.
 
     Args:
         path: the JSON Lines file.
