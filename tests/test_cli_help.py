@@ -38,6 +38,10 @@ def test_plugins_lists_without_importing_any_plugin():
     done = _run("plugins", probe=True)
     assert done.returncode == 0, done.stderr
     assert "maml" in done.stdout and "finetune" in done.stdout and "synthetic" in done.stdout
+    # Issue 13: the item cold-start models and the standard cold-start data sets.
+    for name in ("metaemb", "mwuf", "cvar", "lwa", "nlba", "dropoutnet", "movielens-1m",
+                 "book-crossing"):
+        assert f" {name} " in done.stdout, name
     assert done.stdout.strip().splitlines()[-1] == "IMPORTED"
 
 
