@@ -15,8 +15,14 @@ Rows ``large-dense`` vs ``large``: the same model with the item table's gradient
 Sizes run one after the other (each needs its own process for its peak memory): compare rows
 of one run of this script, on an otherwise idle machine.
 
+``--causal`` adds, beside each size, a row ``<size>-causal``: the same model with
+``attention: causal`` (SASRec-style: each task's support events encoded once as one causal
+sequence, every slot reading its state, instead of every slot's history encoded on its own).
+
     .venv/bin/python benchmarks/backbone_scale.py --quick     # 1 measured step each
     .venv/bin/python benchmarks/backbone_scale.py             # 3 measured steps each
+    .venv/bin/python benchmarks/backbone_scale.py --quick --sizes small --causal \
+        --json /tmp/scale.json                                # target vs causal attention
 """
 
 from __future__ import annotations
@@ -53,6 +59,14 @@ SIZES: dict[str, list[str]] = {
     "large": [],
     "large-dense": DENSE,
 }
+CAUSAL = ["--model.backbone_args.attention", "causal"]
+
+
+def overrides_of(size: str) -> list[str]:
+    """A size's overrides; ``<size>-causal``: with causal attention."""
+    if size.endswith("-causal") and size[:-len("-causal")] in SIZES:
+        return SIZES[size[:-len("-causal")]] + CAUSAL
+    return SIZES[size]
 
 
 def measure(overrides: list[str], steps: int, warmup: int) -> dict:
@@ -65,6 +79,8 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict:
     cli = MetarecCLI(args=["--config", str(RECIPE), *QUIET, *overrides], run=False)
     datamodule, model = cli.datamodule, cli.model
     datamodule.setup("fit")
+    # No trainer here: give the data module the history layout the backbone asks for.
+    datamodule.shared_history = bool(getattr(model.backbone, "shared_history", False))
     setup_s = time.perf_counter() - start
     optimizer = model.configure_optimizers()
     batches = iter(datamodule.train_dataloader())
@@ -109,23 +125,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured meta-steps per size")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated subset")
+    parser.add_argument("--causal", action="store_true",
+                        help="also run each size with attention: causal (rows <size>-causal)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     steps = 1 if args.quick else args.steps
     if args.worker is not None:  # child process: one size, result as JSON on the last line
-        print(json.dumps(measure(SIZES[args.worker], steps, args.warmup)))
+        print(json.dumps(measure(overrides_of(args.worker), steps, args.warmup)))
         return
     rows = []
-    for size in args.sizes.split(","):
-        if size not in SIZES:
+    sizes = args.sizes.split(",")
+    if args.causal:
+        sizes = [s for size in sizes for s in (size, f"{size}-causal")]
+    for size in sizes:
+        if size not in SIZES and not (size.endswith("-causal")
+                                      and size[:-len("-causal")] in SIZES):
             parser.error(f"unknown size {size!r}; sizes are {list(SIZES)}")
         out = subprocess.run([sys.executable, __file__, "--worker", size, "--steps", str(steps),
                               "--warmup", str(args.warmup)] + (["--quick"] if args.quick else []),
                              capture_output=True, text=True, cwd=REPO)
         if out.returncode != 0:
             raise SystemExit(f"size {size!r} failed:\n{out.stderr[-4000:]}")
-        rows.append({"size": size, "overrides": SIZES[size],
+        rows.append({"size": size, "overrides": overrides_of(size),
                      **json.loads(out.stdout.strip().splitlines()[-1])})
         r = rows[-1]
         print(f"{size}: {r['backbone'] / 1e6:.1f}M params, {r['step_s']:.2f} s/step, "

@@ -310,6 +310,8 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.eval_support = None if eval_support is None else [
             None if k is None else int(k) for k in eval_support]
         self.history_length = history_length
+        # The shared history layout (see _shared_history); None: as the trainer's backbone asks.
+        self.shared_history: bool | None = None
         self.dataset_name = dataset
         self.dataset_args = dict(dataset_args or {})
         self.task_config = tasks or TaskConfig()
@@ -381,19 +383,21 @@ class EpisodeDataModule(pl.LightningDataModule):
         tasks = self.splits[split]
         episodic = split == "train" and (self.train_support is not None or self.resample_query)
         bags = self.multihot_bags
+        shared = self._shared_history()
         if split != "train" and self.warmup is not None:
             k = self.warmup
             collate = SupportSweepCollator(tasks, self.table, [0, k, 2 * k, 3 * k],
-                                           self.history_length, bags, labels=list(WARMUP_STAGES))
+                                           self.history_length, bags, labels=list(WARMUP_STAGES),
+                                           shared_history=shared)
         elif split != "train" and self.eval_support is not None:
             collate = SupportSweepCollator(tasks, self.table, self.eval_support,
-                                           self.history_length, bags)
+                                           self.history_length, bags, shared_history=shared)
         elif episodic:
             collate = EpisodicCollator(tasks, self.table, self.train_support,
                                        self.resample_query, self.order_seed(),
-                                       self.history_length, bags)
+                                       self.history_length, bags, shared)
         else:
-            collate = EpisodeCollator(tasks, self.table, self.history_length, bags)
+            collate = EpisodeCollator(tasks, self.table, self.history_length, bags, shared)
         # Loaders own their generator: creating an iterator draws its workers' base seed, which
         # would otherwise come from (and advance) the global torch RNG.
         common = dict(num_workers=self.num_workers, collate_fn=collate,
@@ -426,6 +430,17 @@ class EpisodeDataModule(pl.LightningDataModule):
                                 with_epoch=episodic, sizes=sizes, batch_size=self.batch_size)
         return ResumableLoader(_TaskIndices(len(tasks)), sampler=sampler,
                                batch_size=self.batch_size, **common)
+
+    def _shared_history(self) -> bool:
+        """Whether the trainer's backbone asks for the shared history layout (one sequence
+        per task and each slot's place in it, ``shared_history = True``, e.g. the transformer
+        with ``attention: causal``) instead of per-slot histories (see metarec.data.episodes)."""
+        if self.history_length is None:
+            return False
+        if self.shared_history is not None:  # set by hand (no trainer: benchmarks, scripts)
+            return self.shared_history
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        return bool(getattr(getattr(module, "backbone", None), "shared_history", False))
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader("train")

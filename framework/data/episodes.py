@@ -16,7 +16,15 @@ A batch's ``support`` and ``query`` are plain dicts (pytrees), so they pass stra
   task's *support* interactions with a timestamp strictly before the slot's (ties excluded;
   query labels are never visible), the most recent ``history_length`` of them, oldest first,
   padding (mask False) at the end. These are model inputs: :func:`inputs` keeps them, and the
-  loss still uses the slot's own ``"label"``/``"mask"``.
+  loss still uses the slot's own ``"label"``/``"mask"``;
+- with ``shared_history`` too (asked for by backbones with ``shared_history = True``, e.g. the
+  transformer with ``attention: causal``), the *shared layout* instead of per-slot histories:
+  the task's support interactions as one sequence, oldest first, padding last,
+  ``"history.seq.item_id"``, ``"history.seq.label"``, ``"history.seq.mask"`` and
+  ``"history.seq.item.<name>"`` ``(B, N, S[, K])`` (the same in every slot: broadcast with
+  stride 0), ``"history.pos"`` ``(B, N)`` long, how many of them are strictly before the slot
+  (the slot's history is the latest ``history_length`` of those), and ``"history.window"``
+  ``(B, N)`` long, ``history_length``. The sequence is ``S`` wide instead of ``N x H``.
 """
 
 from __future__ import annotations
@@ -66,11 +74,13 @@ class EpisodeCollator:
     """
 
     def __init__(self, tasks: TaskSet, table: InteractionTable,
-                 history_length: int | None = None, bags: bool = False) -> None:
+                 history_length: int | None = None, bags: bool = False,
+                 shared_history: bool = False) -> None:
         if history_length is not None and history_length < 1:
             raise ValueError(f"data.history_length must be >= 1 or null, got {history_length}")
         self.tasks = tasks
         self.history_length = history_length
+        self.shared_history = bool(shared_history)
         self.bags = bags
         self.by_item = getattr(tasks, "task_by", "user") == "item"
         if self.by_item and history_length is not None:
@@ -100,8 +110,40 @@ class EpisodeCollator:
             past = (t.support_items[idx], t.support_labels[idx], t.support_times[idx],
                     t.support_mask[idx])
             for side in (support, query):
-                side.update(self._history(*past, side["time"], side["mask"]))
+                side.update(self._histories(*past, side["time"], side["mask"]))
         return EpisodeBatch(users=users, support=support, query=query)
+
+    def _histories(self, *args: torch.Tensor) -> FeatureBatch:
+        """The slots' history inputs: per slot, or the shared layout (``shared_history``)."""
+        return self._shared(*args) if self.shared_history else self._history(*args)
+
+    def _shared(self, items: torch.Tensor, labels: torch.Tensor, times: torch.Tensor,
+                mask: torch.Tensor, slot_times: torch.Tensor,
+                slot_mask: torch.Tensor) -> FeatureBatch:
+        """The shared layout over the support interactions ``(B, S)`` (stored oldest first):
+        the real ones as one sequence per task, and each slot's count of those strictly
+        before it (the events its per-slot history, :meth:`_history`, takes the latest
+        ``history_length`` of)."""
+        b, n = slot_times.shape
+        # Real interactions first (stable: still oldest first), trimmed to the longest task.
+        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+        items, labels, times, mask = (x.gather(1, order) for x in (items, labels, times, mask))
+        width = max(int(mask.sum(1).max()) if mask.numel() else 0, 1)
+        items, labels, times, mask = (x[:, :width] for x in (items, labels, times, mask))
+        # Padding sorts last; ties with the slot's time are not before it (searchsorted left).
+        keyed = torch.where(mask, times, torch.iinfo(torch.int64).max).contiguous()
+        before = torch.searchsorted(keyed, slot_times.contiguous(), side="left")
+        pos = torch.where(slot_mask, before.clamp(max=width), 0)
+        items = torch.where(mask, items, 0)
+        seq: FeatureBatch = {"history.seq.item_id": items,
+                             "history.seq.label": torch.where(mask, labels, 0.0),
+                             "history.seq.mask": mask}
+        for key, values in self.item_features.items():
+            seq[f"history.seq.{key}"] = values[items]
+        out = {k: v[:, None].expand(b, n, *v.shape[1:]) for k, v in seq.items()}
+        out["history.pos"] = pos
+        out["history.window"] = torch.full((b, n), self.history_length, dtype=torch.long)
+        return out
 
     def _history(self, items: torch.Tensor, labels: torch.Tensor, times: torch.Tensor,
                  mask: torch.Tensor, slot_times: torch.Tensor,
@@ -175,14 +217,15 @@ class SupportSweepCollator:
 
     def __init__(self, tasks: TaskSet, table: InteractionTable, caps: list[int | None],
                  history_length: int | None = None, bags: bool = False,
-                 labels: list[str] | None = None) -> None:
+                 labels: list[str] | None = None, shared_history: bool = False) -> None:
         # ``labels`` (optional) name the caps instead of support_label (data.warmup: cold,
         # warm_a, ...).
         labels = [support_label(k) for k in caps] if labels is None else list(labels)
         if not caps or len(set(labels)) != len(labels):
             raise ValueError(f"data.eval_support must list distinct caps (ints >= 1 or null), "
                              f"got {caps}")
-        self.collators = {label: EpisodeCollator(tasks.capped(k), table, history_length, bags)
+        self.collators = {label: EpisodeCollator(tasks.capped(k), table, history_length, bags,
+                                                 shared_history)
                           for label, k in zip(labels, caps)}
 
     def __call__(self, indices: list[int] | torch.Tensor) -> dict[str, EpisodeBatch]:
@@ -244,8 +287,9 @@ class EpisodicCollator(EpisodeCollator):
 
     def __init__(self, tasks: TaskSet, table: InteractionTable,
                  support_range: tuple[int, int] | None, resample_query: bool, seed: int,
-                 history_length: int | None = None, bags: bool = False) -> None:
-        super().__init__(tasks, table, history_length, bags)
+                 history_length: int | None = None, bags: bool = False,
+                 shared_history: bool = False) -> None:
+        super().__init__(tasks, table, history_length, bags, shared_history)
         self.support_range, self.resample_query, self.seed = support_range, resample_query, seed
         self.query_size = int(tasks.query_mask.sum(1).max()) if len(tasks) else 0
 
@@ -291,7 +335,7 @@ class EpisodicCollator(EpisodeCollator):
         query_side = self._side(users, *query)
         if self.history_length is not None:
             for side in (support_side, query_side):
-                side.update(self._history(*support, side["time"], side["mask"]))
+                side.update(self._histories(*support, side["time"], side["mask"]))
         return EpisodeBatch(users=users, support=support_side, query=query_side)
 
 

@@ -15,6 +15,10 @@ Each slot (a candidate item to score) comes with the user's history as it was be
 - target attention: the candidate item attends to the encoded history;
 - ``[candidate, attended history, user features]`` -> MLP ``scorer`` -> linear ``output``.
 
+``attention: causal`` (SASRec-style) instead encodes the task's events *once*, as one sequence
+with a causal mask, and each slot reads the encoded state at its place in it (the candidate does
+not attend to the history); see :meth:`Transformer.encode` and docs/backbones.md.
+
 Fast by default: the scorer MLP and the output layer (small); every embedding and the attention
 layers are slow. Since the scorer's input depends only on slow parameters, the backbone declares
 an encoder (``encoder_parameters``): the inner loop encodes each task once. ``lora_rank`` puts
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,18 +48,29 @@ from metarec_plugins.backbones.lora import add_lora
 from metarec_plugins.backbones.twotower import FeatureEmbeddings, mlp
 
 HISTORY_KEYS = ("history.item_id", "history.label", "history.mask")
+# The shared layout (``attention: causal``; EpisodeCollator with ``shared_history``): one
+# sequence per task, broadcast over the slots, and each slot's place in it.
+SEQUENCE_KEYS = ("history.seq.item_id", "history.seq.label", "history.seq.mask", "history.pos",
+                 "history.window")
+SHARED_PREFIXES = ("history.seq.", "history.pos", "history.window")
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-               heads: int, dropout: float, training: bool) -> torch.Tensor:
+               heads: int, dropout: float, training: bool,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention of ``q`` (M, Tq, D) over ``k``, ``v`` (M, Tk, D); ``mask`` (M, Tk)
-    is True for the keys that may be attended (at least one per row)."""
+    (the same keys for every query) or (M, Tq, Tk) (per query, e.g. causal) is True for the
+    keys that may be attended (at least one per query); ``bias`` (M, heads, Tq, Tk) is added to
+    the logits (relative positions)."""
     m, tq, d = q.shape
     tk = k.shape[1]
     split = lambda x, t: x.reshape(m, t, heads, d // heads).transpose(1, 2)  # noqa: E731
     q, k, v = split(q, tq), split(k, tk), split(v, tk)
     logits = q @ k.transpose(-1, -2) / math.sqrt(d // heads)  # (M, heads, Tq, Tk)
-    logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    if bias is not None:
+        logits = logits + bias
+    mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
+    logits = logits.masked_fill(~mask, float("-inf"))
     weights = F.dropout(logits.softmax(-1), dropout, training)
     return (weights @ v).transpose(1, 2).reshape(m, tq, d)
 
@@ -66,9 +82,11 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self.out(_attention(q, k, v, mask, self.heads, self.dropout, self.training))
+        return self.out(_attention(q, k, v, mask, self.heads, self.dropout, self.training,
+                                   bias))
 
 
 class Block(nn.Module):
@@ -83,8 +101,9 @@ class Block(nn.Module):
         self.ffn_out = nn.Linear(ffn, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + F.dropout(self.attn(self.norm1(x), mask), self.dropout, self.training)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + F.dropout(self.attn(self.norm1(x), mask, bias), self.dropout, self.training)
         h = self.ffn_out(F.dropout(F.gelu(self.ffn_in(self.norm2(x))), self.dropout,
                                    self.training))
         return x + F.dropout(h, self.dropout, self.training)
@@ -125,7 +144,9 @@ class TargetAttention(nn.Module):
 
 
 class Transformer(Backbone):
-    """Sequential recommender: self-attention over the slot's history + target attention.
+    """Sequential recommender: self-attention over the slot's history + target attention
+    (``attention: target``, the default), or one causal encoding of the task's events that every
+    slot reads at its place (``attention: causal``, SASRec-style).
 
     Needs ``history.*`` keys in every batch: set ``data.history_length`` (the backbone reads
     whatever history width it is given).
@@ -138,7 +159,8 @@ class Transformer(Backbone):
         ffn: hidden width of each block's feed-forward network (default ``4 * dim``).
         dropout: dropout in attention and blocks.
         scorer_hidden: hidden widths of the scorer MLP (fast by default).
-        max_positions: size of the recency position table; older entries share the last row.
+        max_positions: size of the recency position table (target attention) or of each
+            layer's relative-distance bias table (causal); older entries share the last row.
         use_item_features: add item feature embeddings to item ids (candidate and history).
         use_user_features: feed the user's feature embeddings to the scorer.
         lora_rank: when set, LoRA adapters of this rank on the ``lora_targets`` linear layers
@@ -150,9 +172,16 @@ class Transformer(Backbone):
             gradients (``metarec.optim.LazyAdam``; ``torch.optim.Adam`` does not: checked when
             the recipe is parsed); gradient clipping handles them
             (``metarec.optim.clip_gradients``).
+        attention: ``target`` (each slot's history encoded on its own, the candidate attends
+            to it) or ``causal`` (the task's events encoded once with a causal mask; a slot
+            reads the state after its latest history event; the data module then builds the
+            shared layout, ``history.seq.*`` and ``history.pos``). Both score a slot from
+            exactly the events of its history (the latest ``history_length`` support events
+            strictly before it).
     """
 
     needs_history = True
+    shared_history = False  # set per instance: True with attention: causal
 
     def __init__(self, schema: DataSchema, dim: PositiveInt = 32, layers: NonNegativeInt = 1,
                  heads: PositiveInt = 2, ffn: PositiveInt | None = None,
@@ -161,14 +190,19 @@ class Transformer(Backbone):
                  use_item_features: bool = True, use_user_features: bool = True,
                  lora_rank: PositiveInt | None = None, lora_alpha: PositiveFloat | None = None,
                  lora_targets: Sequence[str] = ("scorer.*", "output"),
-                 sparse_item_gradients: bool = False) -> None:
+                 sparse_item_gradients: bool = False,
+                 attention: Literal["target", "causal"] = "target") -> None:
         super().__init__(schema)
         if dim < 1 or layers < 0 or heads < 1 or dim % heads:
             raise ValueError(f"need dim >= 1, layers >= 0 and heads dividing dim; got dim={dim}, "
                              f"layers={layers}, heads={heads}")
         if not 0.0 <= dropout < 1.0 or max_positions < 1 or min([*scorer_hidden, 1]) < 1:
             raise ValueError("need 0 <= dropout < 1, max_positions >= 1, scorer widths >= 1")
-        self.dim, self.max_positions = dim, max_positions
+        if attention not in ("target", "causal"):
+            raise ValueError(f"attention must be 'target' or 'causal', got {attention!r}")
+        self.dim, self.max_positions, self.attention = dim, max_positions, attention
+        self.layers = layers
+        self.shared_history = attention == "causal"
         self.item_embedding = nn.Embedding(schema.num_items, dim, sparse=sparse_item_gradients)
         self.item_features = FeatureEmbeddings(schema.of("item") if use_item_features else [],
                                                dim)
@@ -178,12 +212,16 @@ class Transformer(Backbone):
         lo, hi = schema.rating_range if explicit else (0.0, 1.0)
         self.label_center, self.label_scale = (lo + hi) / 2, max((hi - lo) / 2, 1e-6)
         self.label_embedding = nn.Linear(1, dim)
-        self.position = nn.Embedding(max_positions, dim)
+        if attention == "target":
+            self.position = nn.Embedding(max_positions, dim)
+        else:  # per layer and head, a learned logit bias by distance (0: the query itself)
+            self.relative = nn.Parameter(torch.zeros(layers, heads, max_positions))
         self.empty = nn.Parameter(torch.randn(dim) * 0.02)
         self.blocks = nn.ModuleList(Block(dim, heads, dropout, ffn or 4 * dim)
                                     for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
-        self.target = TargetAttention(dim, heads, dropout)
+        if attention == "target":
+            self.target = TargetAttention(dim, heads, dropout)
         width = dim * (2 + int(bool(self.user_features.specs)))
         self.scorer, width = mlp(width, scorer_hidden)
         self.output = nn.Linear(width, 1)
@@ -204,28 +242,56 @@ class Transformer(Backbone):
                 out = out + e
         return out
 
+    def _events(self, events: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """History tokens before position information: item vector + label embedding."""
+        tokens = self.items(events)
+        label = ((events["label"].to(tokens.dtype) - self.label_center) / self.label_scale)
+        return tokens + self.label_embedding(label[..., None])
+
     def encode(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The scorer's input ``(*lead, width)``: candidate, attended history, user features."""
+        """The scorer's input ``(*lead, width)``: candidate, history state, user features
+        (the attended history with target attention; the causal state before the slot with
+        causal attention)."""
         missing = [k for k in HISTORY_KEYS if k not in features]
-        if missing:
-            raise ValueError(
-                f"the transformer backbone scores a slot from the user's history, but the batch "
-                f"has no {missing}: set data.history_length (e.g. `--data.history_length 20` or "
-                f"`data: {{history_length: 20}}` in the recipe)")
+        if missing and not (self.attention == "causal"
+                            and all(k in features for k in SEQUENCE_KEYS)):
+            raise self._missing(missing)
         lead = features["item_id"].shape
-        hist_mask = features["history.mask"]
-        h = hist_mask.shape[-1]
         flat = lambda x: x.reshape(-1, *x.shape[len(lead):])  # noqa: E731
         candidate = flat(self.items(features))  # (M, D)
-        hist = {k[len("history."):]: flat(v) for k, v in features.items()
-                if k.startswith("history.")}
-        shared = self._shared_history(features, len(lead))
+        state = (self._causal_state(features, lead) if self.attention == "causal"
+                 else self._target_state(features, lead, candidate))
+        parts = [candidate, state]
+        if self.user_features.specs:
+            users = sum(self.user_features({s.key: flat(features[s.key])
+                                            for s in self.user_features.specs}))
+            parts.append(users)
+        return torch.cat(parts, dim=-1).reshape(*lead, -1)
+
+    def _missing(self, keys: Sequence[str]) -> ValueError:
+        return ValueError(
+            f"the transformer backbone scores a slot from the user's history, but the batch "
+            f"has no {list(keys)}: set data.history_length (e.g. `--data.history_length 20` or "
+            f"`data: {{history_length: 20}}` in the recipe)")
+
+    @staticmethod
+    def _slot_history(features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The per-slot ``history.*`` inputs (not the shared layout's)."""
+        return {k: v for k, v in features.items()
+                if k.startswith("history.") and not k.startswith(SHARED_PREFIXES)}
+
+    def _target_state(self, features: Mapping[str, torch.Tensor], lead: torch.Size,
+                      candidate: torch.Tensor) -> torch.Tensor:
+        """Target attention: each slot's history encoded on its own, the candidate attends."""
+        flat = lambda x: x.reshape(-1, *x.shape[len(lead):])  # noqa: E731
+        slots = self._slot_history(features)
+        h = features["history.mask"].shape[-1]
+        hist = {k[len("history."):]: flat(v) for k, v in slots.items()}
+        shared = self._shared_history(slots, len(lead))
         if shared:  # one history for every slot (recommend): encode it once
             hist = {k: v[:1] for k, v in hist.items()}
         mask = hist["mask"]  # (M, H), or (1, H) when shared
-        tokens = self.items(hist)  # (M, H, D)
-        label = ((hist["label"].to(tokens.dtype) - self.label_center) / self.label_scale)
-        tokens = tokens + self.label_embedding(label[..., None])
+        tokens = self._events(hist)  # (M, H, D)
         # Recency: 0 for the most recent real entry (entries are oldest first, padding last).
         count = mask.sum(-1, keepdim=True)
         recency = (count - 1 - torch.arange(h, device=mask.device)).clamp(0, self.max_positions - 1)
@@ -236,14 +302,79 @@ class Transformer(Backbone):
         for block in self.blocks:
             tokens = block(tokens, mask)
         tokens = self.norm(tokens)
-        attended = (self.target.shared(candidate, tokens[0], mask[0]) if shared
-                    else self.target(candidate, tokens, mask))
-        parts = [candidate, attended]
-        if self.user_features.specs:
-            users = sum(self.user_features({s.key: flat(features[s.key])
-                                            for s in self.user_features.specs}))
-            parts.append(users)
-        return torch.cat(parts, dim=-1).reshape(*lead, -1)
+        return (self.target.shared(candidate, tokens[0], mask[0]) if shared
+                else self.target(candidate, tokens, mask))
+
+    def _causal_state(self, features: Mapping[str, torch.Tensor],
+                      lead: torch.Size) -> torch.Tensor:
+        """Causal attention: the state ``(M, D)`` each slot reads.
+
+        Shared layout (``history.seq.*`` ``(*lead, S, ...)``, the task's support events oldest
+        first and the same in every slot; ``history.pos`` ``(*lead)``, how many of them precede
+        the slot; ``history.window`` ``(*lead)``, the history length ``H``): the sequence of
+        each task is encoded once and slot ``j`` reads position ``pos_j`` (0: the empty token).
+        Per-slot layout (``history.*``, as ``metarec.Adapter`` builds it, or a collator without
+        ``shared_history``): each slot's own history is encoded with the same causal encoder
+        (``H`` = its width) and read after its latest entry. The two are equal
+        (tests/test_transformer_causal.py)."""
+        d = self.dim
+        if all(k in features for k in SEQUENCE_KEYS):
+            slot_dim = len(lead) - 1
+            # The task's sequence is broadcast over its slots: read it from the first slot.
+            first = lambda v: v.select(slot_dim, 0)  # noqa: E731
+            seq = {k[len("history.seq."):]: first(v).reshape(-1, *v.shape[len(lead):])
+                   for k, v in features.items() if k.startswith("history.seq.")}
+            window = first(features["history.window"]).reshape(-1)  # (G,)
+            pos = features["history.pos"].reshape(-1, lead[-1])  # (G, N)
+            states = self._encode_causal(seq, window)  # (G, 1 + S, D)
+            read = states.gather(1, pos[..., None].expand(-1, -1, d))  # (G, N, D)
+            return read.reshape(-1, d)
+        flat = lambda x: x.reshape(-1, *x.shape[len(lead):])  # noqa: E731
+        slots = self._slot_history(features)
+        hist = {k[len("history."):]: flat(v) for k, v in slots.items()}
+        shared = self._shared_history(slots, len(lead))
+        if shared:  # one history for every slot (recommend): encode it once
+            hist = {k: v[:1] for k, v in hist.items()}
+        mask = hist["mask"]  # (M, H), oldest first, padding last
+        window = torch.full(mask.shape[:1], mask.shape[-1], dtype=torch.long,
+                            device=mask.device)
+        states = self._encode_causal(hist, window)  # (M, 1 + H, D)
+        count = mask.sum(-1)  # the latest entry's position (0: none, the empty token)
+        read = states.gather(1, count[:, None, None].expand(-1, 1, d))[:, 0]
+        if shared:
+            read = read.expand(features["item_id"].numel(), d)
+        return read
+
+    def _encode_causal(self, events: Mapping[str, torch.Tensor],
+                       window: torch.Tensor) -> torch.Tensor:
+        """Causal encoding ``(G, 1 + S, D)`` of ``G`` event sequences ``(G, S)`` (oldest first,
+        padding last), after a learned empty token at position 0.
+
+        Position ``i`` attends to the empty token and to the real events among the latest
+        ``w`` up to itself (``i - w < k <= i``), with ``w = (H - 1) // layers + 1`` for history
+        length ``H`` (``window``, per sequence): after ``layers`` blocks the state at ``i``
+        depends on at most the latest ``H`` events, and exactly as it would if only those were
+        encoded, so a shared sequence gives each slot the same state as its own history.
+        Positions enter as a learned per-layer, per-head logit bias by distance ``i - k``
+        (recency from the reading position; none for the empty token): the encoding is
+        translation invariant, hence the same for a slot's history alone."""
+        mask = events["mask"]
+        g = mask.shape[0]
+        tokens = self._events(events)  # (G, S, D)
+        tokens = torch.cat([self.empty.expand(g, 1, -1), tokens], dim=1)
+        t = tokens.shape[1]
+        index = torch.arange(t, device=mask.device)
+        distance = index[:, None] - index[None, :]  # (T, T): query - key
+        keys = torch.cat([mask.new_ones(g, 1), mask], dim=1)  # (G, T)
+        w = (window - 1) // max(self.layers, 1) + 1  # (G,)
+        visible = (distance >= 0) & (distance < w[:, None, None]) & keys[:, None, :]
+        visible = visible | (index == 0)  # the empty token: visible from every position
+        relative = distance.clamp(0, self.max_positions - 1)
+        events_only = (index != 0).to(tokens.dtype)  # no bias towards the empty token
+        for layer, block in enumerate(self.blocks):
+            bias = self.relative[layer][:, relative] * events_only  # (heads, T, T)
+            tokens = block(tokens, visible, bias.expand(g, *bias.shape))
+        return self.norm(tokens)
 
     def _shared_history(self, features: Mapping[str, torch.Tensor], lead: int) -> bool:
         """Whether every slot provably has the same history: each ``history.*`` input is
@@ -281,4 +412,5 @@ class Transformer(Backbone):
     def encoder_parameters(self) -> list[str]:
         """Everything but the scorer and the output layer (what ``encode`` uses)."""
         return [f"{name}.*" for name, _ in self.named_children()
-                if name not in ("scorer", "output")] + ["empty"]
+                if name not in ("scorer", "output")] + [
+                    name for name, _ in self.named_parameters(recurse=False)]
