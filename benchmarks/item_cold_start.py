@@ -320,7 +320,7 @@ def _fmt(cell: dict | None, digits: int = 3) -> str:
 def markdown(result: dict) -> str:
     """The study's tables: one row per method; each stage / scenario a column; then the
     differences with the baseline."""
-    summary = result.get("summary") or summarise(result)
+    summary = summarise(result)  # from the runs (the stored summary may predate an edit)
     config = result["config"]
     labels = [c[3] for c in _cells(result)]
     methods = [m for m in config["methods"] if m in summary]
