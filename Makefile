@@ -14,7 +14,7 @@ export WANDB_SILENT ?= true
 L2L_VENV ?= $(HOME)/.cache/metarec/l2l-venv
 L2L_SCRIPT ?= ../shared/tools/learn2learn-venv.sh
 
-.PHONY: setup quickstart test test-l2l lint results docs-tables clean
+.PHONY: setup quickstart test test-l2l lint results results-items docs-tables clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ lint: setup
 
 results: setup
 	$(PY) benchmarks/ml100k_results.py --json benchmarks/results/ml100k_results.json
+
+# Item cold start (warm-up stages) and MeLU's four scenarios on ml-100k (about 40 minutes on 2
+# cores; resumable: a rerun skips the runs already in the JSON).
+results-items: setup
+	$(PY) benchmarks/item_cold_start.py --threads 1 --study benchmarks/studies/ml100k_items.yaml --json benchmarks/results/items.json
+	$(PY) benchmarks/item_cold_start.py --threads 1 --study benchmarks/studies/ml100k_scenarios.yaml --json benchmarks/results/scenarios.json
+	$(PY) benchmarks/docs_tables.py --write
 
 # Re-render the generated tables of docs/*.md from benchmarks/results/ (after a benchmark ran);
 # tests/test_docs_tables.py fails while a committed table differs.
