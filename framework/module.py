@@ -24,6 +24,10 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
+# Up to this many tasks the divergence guard scores all iterates in one stacked pass.
+STACKED_GUARD_TASKS = 8
+
+
 def guard_iterates(model: FunctionalModel, iterates: list[Params], slow: Params,
                    support: FeatureBatch, guard: DivergenceGuard, query: FeatureBatch | None = None
                    ) -> tuple[list[Params], list[torch.Tensor], list[torch.Tensor] | None]:
@@ -45,17 +49,24 @@ def guard_iterates(model: FunctionalModel, iterates: list[Params], slow: Params,
         return iterates, [none] * len(iterates), \
             [score(f) for f in iterates] if score is not None else None
     with torch.no_grad():
-        # Every iterate at once: one (vmapped) pass over the stacked iterates instead of one
-        # pass per step (the same numbers; per-call overhead dominates small models).
-        stacked = {k: torch.stack([f[k] for f in iterates]) for k in iterates[0]}
-        losses = vmap(lambda f: model.loss_tasks(f, slow, support),
-                      randomness="different")(stacked)  # (steps + 1, n)
-        all_scores = (vmap(score, randomness="different")(stacked)
-                      if score is not None else None)  # (steps + 1, n, Q)
+        if n <= STACKED_GUARD_TASKS:
+            # A few tasks (a deployed single user): every iterate in one vmapped pass over the
+            # stacked iterates, since per-call overhead dominates; many tasks: one pass per
+            # iterate (a (steps + 1)-times larger pass is slower once the work dominates).
+            stacked = {k: torch.stack([f[k] for f in iterates]) for k in iterates[0]}
+            losses = vmap(lambda f: model.loss_tasks(f, slow, support),
+                          randomness="different")(stacked)  # (steps + 1, n)
+            all_scores = (vmap(score, randomness="different")(stacked)
+                          if score is not None else None)  # (steps + 1, n, Q)
+        else:
+            losses = torch.stack([model.loss_tasks(f, slow, support) for f in iterates])
+            all_scores = (torch.stack([score(f) for f in iterates])
+                          if score is not None else None)
         first = losses[0]
         bad = ~torch.isfinite(losses) | (losses > guard.factor * first.clamp_min(1e-12))
-        for value in stacked.values():
-            bad = bad | ~torch.isfinite(value.reshape(len(iterates), n, -1)).all(-1)
+        finite = [torch.stack([torch.isfinite(v.reshape(n, -1)).all(1) for v in f.values()])
+                  .all(0) for f in iterates[1:]]  # the start is never flagged
+        bad = bad | ~torch.stack([~none, *finite])
         if all_scores is not None:
             bad = bad | ~(torch.isfinite(all_scores) | ~query["mask"]).all(-1)
         bad[0] = False  # the start is the fallback: never flagged
