@@ -49,10 +49,12 @@ def guard_iterates(model: FunctionalModel, iterates: list[Params], slow: Params,
         return iterates, [none] * len(iterates), \
             [score(f) for f in iterates] if score is not None else None
     with torch.no_grad():
-        if n <= STACKED_GUARD_TASKS:
+        if n <= STACKED_GUARD_TASKS and not torch.compiler.is_compiling():
             # A few tasks (a deployed single user): every iterate in one vmapped pass over the
             # stacked iterates, since per-call overhead dominates; many tasks: one pass per
             # iterate (a (steps + 1)-times larger pass is slower once the work dominates).
+            # Compiled (Adapter(compile=True)): one pass per iterate too, which compiles faster
+            # and has no per-call overhead to save.
             stacked = {k: torch.stack([f[k] for f in iterates]) for k in iterates[0]}
             losses = vmap(lambda f: model.loss_tasks(f, slow, support),
                           randomness="different")(stacked)  # (steps + 1, n)
