@@ -49,6 +49,11 @@ def guard_iterates(model: FunctionalModel, iterates: list[Params], slow: Params,
         return iterates, [none] * len(iterates), \
             [score(f) for f in iterates] if score is not None else None
     with torch.no_grad():
+        # The backbone's slow-only encoding (e.g. the transformer's histories), once for every
+        # iterate: only the fast parameters differ between them.
+        support = model.prepare(slow, support)
+        if query is not None:
+            query = model.prepare(slow, query)
         if n <= STACKED_GUARD_TASKS and not torch.compiler.is_compiling():
             # A few tasks (a deployed single user): every iterate in one vmapped pass over the
             # stacked iterates, since per-call overhead dominates; many tasks: one pass per
