@@ -56,8 +56,18 @@ if str(HERE) not in sys.path:
 
 import _stats  # noqa: E402
 from cold_start import (  # noqa: E402
-    NOISY_CALLBACKS, QUIET, Method, StudyMismatch, _best_epoch, _clean, _quiet, _recipe_path,
-    chance_rows, columnar, epoch_timer, write_atomic,
+    NOISY_CALLBACKS,
+    QUIET,
+    Method,
+    StudyMismatch,
+    _best_epoch,
+    _clean,
+    _quiet,
+    _recipe_path,
+    chance_rows,
+    columnar,
+    epoch_timer,
+    write_atomic,
 )
 
 STAGES = ("cold", "warm_a", "warm_b", "warm_c")
@@ -274,7 +284,7 @@ def summarise(result: dict) -> dict[str, Any]:
         if not seeds:
             continue
         entry: dict[str, Any] = {"seeds": seeds}
-        for test, stage, key, label, column, higher in _cells(result):
+        for test, stage, key, label, column, _higher in _cells(result):
             values = [by[(name, s)]["tests"][test]["metrics"].get(key) for s in seeds]
             values = [v for v in values if v is not None]
             cell = _stats.mean_ci(values)
@@ -299,7 +309,7 @@ def summarise(result: dict) -> dict[str, Any]:
     for r in runs:
         if r["method"] != baseline:
             continue
-        for test, stage, key, label, column, higher in _cells(result):
+        for test, _stage, key, label, _column, _higher in _cells(result):
             metric = key.split("/")[-1]
             value = r["tests"][test]["chance"].get(metric)
             if value is not None:

@@ -27,7 +27,7 @@ _EXPORTS: dict[str, str] = {
                     "metarec.data"),
     "Dataset": "metarec.dataset",
     **dict.fromkeys(["SGD", "Adam", "FunctionalModel", "InnerOptimizer", "Objective", "Params",
-                     "masked_loss", "select_parameters"], "metarec.functional"),
+                     "masked_loss", "select_parameters", "vmap_tasks"], "metarec.functional"),
     "MetricsConfig": "metarec.metrics",
     "AdaptationPolicy": "metarec.policy",
     **dict.fromkeys(["ClosedUnitInterval", "NonNegativeFloat", "NonNegativeInt", "PositiveFloat",
@@ -102,6 +102,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         Params,
         masked_loss,
         select_parameters,
+        vmap_tasks,
     )
     from metarec.metrics import MetricsConfig  # noqa: F401
     from metarec.policy import AdaptationPolicy  # noqa: F401

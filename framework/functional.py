@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_map
 
 from metarec.data.episodes import ENCODED, FeatureBatch, inputs
 
@@ -162,6 +163,24 @@ class _Method(nn.Module):
         return getattr(self.backbone, self.method)(*args, **kwargs)
 
 
+
+def vmap_tasks(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``vmap(fn, randomness="different")`` over the tasks (leading dim) of every argument,
+    except that a batch of one task calls ``fn`` on it directly (then adds the task dim back):
+    the same numbers without vmap's per-call overhead, which dominates a deployed user's
+    adaptation (a single-user adapt runs about 2x faster unvmapped)."""
+    batched = vmap(fn, randomness="different")
+
+    def run(*args: Any) -> Any:
+        leaves = [x for x in tree_flatten(args)[0] if isinstance(x, torch.Tensor)]
+        if not leaves or any(x.ndim == 0 or x.shape[0] != 1 for x in leaves):
+            return batched(*args)
+        one = tree_map(lambda x: x[0] if isinstance(x, torch.Tensor) else x, args)
+        return tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x,
+                        fn(*one))
+
+    return run
+
 class FunctionalModel:
     """A backbone seen as pure functions of (fast, slow) parameter dicts."""
 
@@ -259,13 +278,13 @@ class FunctionalModel:
     def adapt_tasks(self, fast: Params, slow: Params, support: FeatureBatch, steps: int,
                     optimizer: InnerOptimizer, **kwargs: Any) -> Params | list[Params]:
         """:meth:`adapt` vmapped across the tasks of a batch (leading dim of ``support``)."""
-        return vmap(lambda task: self.adapt(fast, slow, task, steps, optimizer, **kwargs),
-                    randomness="different")(support)
+        return vmap_tasks(lambda task: self.adapt(fast, slow, task, steps, optimizer,
+                                                  **kwargs))(support)
 
     def predict_tasks(self, fast: Params, slow: Params, batch: FeatureBatch) -> torch.Tensor:
         """Per-task scores ``(B, N)`` with per-task fast parameters (leading dim B)."""
-        return vmap(lambda f, b: self.predict(f, slow, b), randomness="different")(fast, batch)
+        return vmap_tasks(lambda f, b: self.predict(f, slow, b))(fast, batch)
 
     def loss_tasks(self, fast: Params, slow: Params, batch: FeatureBatch) -> torch.Tensor:
         """Per-task losses ``(B,)`` with per-task fast parameters (leading dim B)."""
-        return vmap(lambda f, b: self.loss(f, slow, b), randomness="different")(fast, batch)
+        return vmap_tasks(lambda f, b: self.loss(f, slow, b))(fast, batch)

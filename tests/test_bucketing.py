@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_maml_gradient import _reference_meta_grad
 
 from conftest import synthetic_setup
 from metarec import FunctionalModel, select_parameters
@@ -12,7 +13,6 @@ from metarec.data import EpisodeCollator
 from metarec.datamodule import EpisodeDataModule, _EpochSampler
 from metarec_plugins.algorithms.maml import MAML
 from metarec_plugins.backbones.melu import MeLU
-from test_maml_gradient import _reference_meta_grad
 
 SIZES = torch.randint(1, 60, (103,), generator=torch.Generator().manual_seed(0))
 

@@ -9,12 +9,12 @@ import torch
 
 from metarec import DataSchema, FunctionalModel, select_parameters
 from metarec.data import EpisodeBatch
+from metarec.schema import FeatureSpec
 from metarec_plugins.algorithms.metaemb import MetaEmb
 from metarec_plugins.backbones.dropoutnet import DropoutNet
 from metarec_plugins.backbones.lwa import LWA, class_representatives
 from metarec_plugins.backbones.mf import MatrixFactorization
 from metarec_plugins.backbones.nlba import NLBA
-from metarec.schema import FeatureSpec
 
 IMPLICIT = DataSchema(num_users=3, num_items=2, feedback="implicit", rating_range=None,
                       task_by="item")

@@ -7,7 +7,7 @@ import pytest
 
 from metarec import ConfigError, InteractionTable, TaskConfig
 from metarec.data import Feature
-from metarec.data.tasks import ScenarioConfig, SCENARIOS, build_scenario_tasks, scenario_partition
+from metarec.data.tasks import SCENARIOS, ScenarioConfig, build_scenario_tasks, scenario_partition
 from metarec.schema import FeatureSpec
 
 YEARS = ("1990", "1995", "1997", "1998", "unknown")

@@ -139,7 +139,7 @@ class MAMO(MAML):
         k = self.memory_size
         ref = fast[self.personalised[0]]
         size = sum(fast[n].numel() for n in self.personalised)
-        dim = int(getattr(backbone, "profile_dim"))
+        dim = int(backbone.profile_dim)
         gen = torch.Generator().manual_seed(0)  # the memories' own draw: seeds nothing else
         self.register_buffer("profile_memory",
                              torch.randn(k, dim, generator=gen).to(ref))

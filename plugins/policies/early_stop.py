@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.func import grad, grad_and_value, vmap
+from torch.func import grad, grad_and_value
 
 from metarec import (
     SGD,
@@ -37,6 +37,7 @@ from metarec import (
     PositiveFloat,
     PositiveInt,
     UnitFraction,
+    vmap_tasks,
 )
 
 
@@ -132,6 +133,6 @@ class EarlyStop(AdaptationPolicy):
                 iterates.append(theta)
             return iterates, used
 
-        iterates, used = vmap(one_task, randomness="different")(support)
+        iterates, used = vmap_tasks(one_task)(support)
         self.last_steps_used = used
         return iterates

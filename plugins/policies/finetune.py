@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch.func import vmap
-
 from metarec import (
     SGD,
     AdaptationPolicy,
@@ -14,6 +12,7 @@ from metarec import (
     NonNegativeInt,
     Params,
     PositiveFloat,
+    vmap_tasks,
 )
 
 
@@ -52,7 +51,6 @@ class FineTune(AdaptationPolicy):
               support: FeatureBatch) -> list[Params]:
         algorithm, optimizer = self.algorithm, self.optimizer()
         # The algorithm's inner loop (its objective) with this optimiser; iterates 0..max_steps.
-        return vmap(lambda task: algorithm.adapt(model, fast, slow, task, steps=self.max_steps,
-                                                 optimizer=optimizer, first_order=True,
-                                                 trajectory=True),
-                    randomness="different")(support)
+        return vmap_tasks(lambda task: algorithm.adapt(model, fast, slow, task,
+                                                       steps=self.max_steps, optimizer=optimizer,
+                                                       first_order=True, trajectory=True))(support)

@@ -22,7 +22,7 @@ import math
 from typing import Any
 
 import torch
-from torch.func import grad, vmap
+from torch.func import grad
 
 from metarec import (
     SGD,
@@ -36,6 +36,7 @@ from metarec import (
     PositiveFloat,
     PositiveInt,
     UnitFraction,
+    vmap_tasks,
 )
 
 
@@ -144,9 +145,8 @@ class Online(AdaptationPolicy):
         if chunks == 0:
             iterates = [fast]
         else:
-            iterates = vmap(one_task, randomness="different")(support)
+            iterates = vmap_tasks(one_task)(support)
         self.last_updates = -(-mask.sum(-1) // per)
-        tasks = mask.shape[0]
         if len(iterates) == 1:  # no events at all: the start, like frozen
             empty = {**support, "mask": torch.zeros_like(mask)}
             iterates = [algorithm.task_starts(model, fast, slow, empty)]

@@ -29,7 +29,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch.func import vmap
 
 from metarec import (
     SGD,
@@ -43,6 +42,7 @@ from metarec import (
     Params,
     PositiveFloat,
     PositiveInt,
+    vmap_tasks,
 )
 
 LEARNED = "algorithm"  # the candidate that adapts with the algorithm's own inner optimiser
@@ -119,9 +119,9 @@ class Validated(AdaptationPolicy):
         out = []
         for candidate in candidates:
             optimizer = self._optimizer(candidate)
-            out.append(vmap(lambda task, o=optimizer: algorithm.adapt(
+            out.append(vmap_tasks(lambda task, o=optimizer: algorithm.adapt(
                 model, fast, slow, task, steps=self.max_steps, optimizer=o, first_order=True,
-                trajectory=True), randomness="different")(support))
+                trajectory=True))(support))
         return out
 
     def _bucket(self, sizes: torch.Tensor) -> torch.Tensor:
