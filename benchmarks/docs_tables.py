@@ -58,6 +58,8 @@ TABLES: dict[str, tuple[str, str | Render]] = {
     "items": ("benchmarks/results/items.json", "item_cold_start:markdown"),
     "scenarios": ("benchmarks/results/scenarios.json", "item_cold_start:markdown"),
     "fomelu-epoch": ("benchmarks/results/fomelu_epoch.json", "fomelu_epoch:markdown"),
+    "performance-targets": ("benchmarks/results/performance_targets.json",
+                            "performance_targets:markdown"),
 }
 
 # Each comment on a line of its own (so prose can quote them inline); blocks do not nest.
