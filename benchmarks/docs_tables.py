@@ -55,6 +55,7 @@ TABLES: dict[str, tuple[str, str | Render]] = {
     "cold-start": ("benchmarks/results/cold_start.json", "cold_start:markdown"),
     "few-shot": ("benchmarks/results/fewshot.json", "cold_start:markdown"),
     "literature": ("benchmarks/results/literature.json", "cold_start:markdown"),
+    "bucketing": ("benchmarks/results/bucketing.json", "cold_start:markdown"),
     "items": ("benchmarks/results/items.json", "item_cold_start:markdown"),
     "scenarios": ("benchmarks/results/scenarios.json", "item_cold_start:markdown"),
     "fomelu-epoch": ("benchmarks/results/fomelu_epoch.json", "fomelu_epoch:markdown"),
