@@ -378,25 +378,34 @@ def _quiet() -> Iterator[None]:
                 lg.setLevel(level)
 
 
-def _run(method: Method, fold: int, seed: int, recipe: str, args: list[str], root: str,
-         chance_draws: int) -> dict:
-    import torch
-
+def prepare_run(recipe: str, args: Sequence[str], root: str) -> tuple[Any, Any]:
+    """``(cli, timer)``: the recipe's CLI built (not run) with ``args``, the callbacks that only
+    print removed, everything the run writes kept inside ``root``, and an :func:`epoch_timer`
+    appended to the trainer's callbacks."""
     from metarec.cli import MetarecCLI
 
     cli = MetarecCLI(args=["--config", recipe, *args, "--trainer.default_root_dir", root],
                      run=False)
-    trainer, model = cli.trainer, cli.model
+    trainer = cli.trainer
     trainer.callbacks[:] = [c for c in trainer.callbacks
                             if type(c).__name__ not in NOISY_CALLBACKS]
     for callback in trainer.callbacks:  # everything this run writes stays in `root`
         if type(callback).__name__ == "InterruptCheckpoint":
             callback.dirpath = os.path.join(root, "interrupted")
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None:
-        checkpoint.dirpath = os.path.join(root, "checkpoints")
+    if trainer.checkpoint_callback is not None:
+        trainer.checkpoint_callback.dirpath = os.path.join(root, "checkpoints")
     timer = epoch_timer()
     trainer.callbacks.append(timer)
+    return cli, timer
+
+
+def _run(method: Method, fold: int, seed: int, recipe: str, args: list[str], root: str,
+         chance_draws: int) -> dict:
+    import torch
+
+    cli, timer = prepare_run(recipe, args, root)
+    trainer, model = cli.trainer, cli.model
+    checkpoint = trainer.checkpoint_callback
     # Validation (and so the best epoch) on the validation users' full support, as the
     # recipe alone would: with data.eval_support, validation would log only val/k{K}/...
     # and the checkpoint's monitor (val/mae) would not exist. The caps apply to the test.

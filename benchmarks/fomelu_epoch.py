@@ -29,7 +29,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from _results import write_json  # noqa: E402
-from cold_start import NOISY_CALLBACKS, QUIET, _quiet, epoch_timer  # noqa: E402
+from cold_start import QUIET, _quiet, prepare_run  # noqa: E402
 
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "fomelu_epoch.json"
 RECIPE = REPO / "recipes" / "movielens-100k" / "melu-fomaml.yaml"
@@ -44,17 +44,10 @@ VARIANTS = {"default": [], "multihot bags": ["--data.multihot_bags", "true"],
 
 def time_variant(extra: list[str], epochs: int, root: str) -> dict:
     """Fit ``epochs`` epochs; per-epoch training seconds and the work done."""
-    from metarec.cli import MetarecCLI
-
     with _quiet():
-        cli = MetarecCLI(args=["--config", str(RECIPE), *QUIET, *FOMELU, *extra,
-                               "--trainer.max_epochs", str(epochs),
-                               "--trainer.default_root_dir", root], run=False)
+        cli, timer = prepare_run(str(RECIPE), [*QUIET, *FOMELU, *extra,
+                                               "--trainer.max_epochs", str(epochs)], root)
         trainer = cli.trainer
-        trainer.callbacks[:] = [c for c in trainer.callbacks
-                                if type(c).__name__ not in NOISY_CALLBACKS]
-        timer = epoch_timer()
-        trainer.callbacks.append(timer)
         trainer.fit(cli.model, datamodule=cli.datamodule)
     splits = cli.datamodule.splits
     rest = timer.seconds[1:] or timer.seconds

@@ -56,7 +56,6 @@ if str(HERE) not in sys.path:
 
 import _stats  # noqa: E402
 from cold_start import (  # noqa: E402
-    NOISY_CALLBACKS,
     QUIET,
     Method,
     StudyMismatch,
@@ -66,7 +65,7 @@ from cold_start import (  # noqa: E402
     _recipe_path,
     chance_rows,
     columnar,
-    epoch_timer,
+    prepare_run,
     write_atomic,
 )
 
@@ -138,8 +137,6 @@ def run_one(method: Method, seed: int, *, kind: str, extra: Sequence[str] = (),
     os.environ.setdefault("WANDB_MODE", "disabled")
     import torch
 
-    from metarec.cli import MetarecCLI
-
     recipe = method.recipe if Path(method.recipe).is_absolute() else str(REPO / method.recipe)
     args = [*QUIET, "--seed_everything", str(seed), "--data.seed", str(seed),
             *method.overrides, *extra]
@@ -151,19 +148,9 @@ def run_one(method: Method, seed: int, *, kind: str, extra: Sequence[str] = (),
     start = time.perf_counter()
     try:
         with _quiet():
-            cli = MetarecCLI(args=["--config", recipe, *args, "--trainer.default_root_dir", root],
-                             run=False)
+            cli, timer = prepare_run(recipe, args, root)
             trainer, model, dm = cli.trainer, cli.model, cli.datamodule
-            trainer.callbacks[:] = [c for c in trainer.callbacks
-                                    if type(c).__name__ not in NOISY_CALLBACKS]
-            for callback in trainer.callbacks:
-                if type(callback).__name__ == "InterruptCheckpoint":
-                    callback.dirpath = os.path.join(root, "interrupted")
             checkpoint = trainer.checkpoint_callback
-            if checkpoint is not None:
-                checkpoint.dirpath = os.path.join(root, "checkpoints")
-            timer = epoch_timer()
-            trainer.callbacks.append(timer)
             fit_start = time.perf_counter()
             trainer.fit(model, datamodule=dm)
             fit_seconds = time.perf_counter() - fit_start

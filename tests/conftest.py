@@ -118,3 +118,23 @@ def _finish_wandb_runs():
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+
+
+def item_task_batch(support_mask=((True, True), (True, True))):
+    """Two hand-made item tasks (item 0: genre 1, item 1: genre 0), float64 0/1 labels:
+    support of 2 users each (``support_mask``), query of 2 (item 1's second slot padded).
+    The item cold-start models' tests compute their losses on it by hand."""
+    from metarec.data import EpisodeBatch
+
+    genre = torch.tensor([1, 0])
+
+    def side(users, labels, mask, items):
+        items = torch.tensor(items)[:, None].expand(-1, 2)
+        return {"user_id": torch.tensor(users), "item_id": items, "item.genre": genre[items],
+                "label": torch.tensor(labels, dtype=torch.float64), "mask": torch.tensor(mask)}
+
+    return EpisodeBatch(users=torch.tensor([0, 1]),
+                        support=side([[0, 1], [2, 0]], [[1.0, 0.0], [1.0, 1.0]],
+                                     [list(m) for m in support_mask], [0, 1]),
+                        query=side([[2, 1], [1, 2]], [[0.0, 1.0], [0.0, 0.0]],
+                                   [[True, True], [True, False]], [0, 1]))

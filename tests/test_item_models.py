@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import item_task_batch
 from metarec import DataSchema, FunctionalModel, select_parameters
-from metarec.data import EpisodeBatch
 from metarec.schema import FeatureSpec
 from metarec_plugins.algorithms.metaemb import MetaEmb
 from metarec_plugins.backbones.dropoutnet import DropoutNet
@@ -44,18 +44,8 @@ def test_dropoutnet_drops_the_cold_preference_in_training_only():
     assert 0.45 < float(dropped) < 0.55
 
 
-def _item_batch() -> EpisodeBatch:
-    """Two item tasks, support of 2 users, query of 2 (item 1's second query slot padded)."""
-    genre = torch.tensor([1, 0])  # item 0: genre 1, item 1: genre 0
-    def side(users, labels, mask, items):
-        items = torch.tensor(items)[:, None].expand(-1, 2)
-        return {"user_id": torch.tensor(users), "item_id": items, "item.genre": genre[items],
-                "label": torch.tensor(labels, dtype=torch.float64), "mask": torch.tensor(mask)}
-    return EpisodeBatch(users=torch.tensor([0, 1]),
-                        support=side([[0, 1], [2, 0]], [[1.0, 0.0], [1.0, 1.0]],
-                                     [[True, True], [True, True]], [0, 1]),
-                        query=side([[2, 1], [1, 2]], [[0.0, 1.0], [0.0, 0.0]],
-                                   [[True, True], [True, False]], [0, 1]))
+def _item_batch():
+    return item_task_batch()
 
 
 def test_metaemb_loss_is_cold_plus_one_step_warm():

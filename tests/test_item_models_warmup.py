@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from conftest import item_task_batch
 from metarec import DataSchema, FunctionalModel, select_parameters
-from metarec.data import EpisodeBatch
 from metarec.schema import FeatureSpec
 from metarec_plugins.algorithms.cvar import CVAR, gaussian_kl, gaussian_w2
 from metarec_plugins.algorithms.mwuf import MWUF
@@ -20,19 +20,9 @@ SCHEMA = DataSchema(num_users=3, num_items=2, feedback="implicit", rating_range=
 bce = F.binary_cross_entropy_with_logits
 
 
-def _batch() -> EpisodeBatch:
-    """Two item tasks, support of 2 users, query of 2 (item 1's second query slot padded)."""
-    genre = torch.tensor([1, 0])
-
-    def side(users, labels, mask, items):
-        items = torch.tensor(items)[:, None].expand(-1, 2)
-        return {"user_id": torch.tensor(users), "item_id": items, "item.genre": genre[items],
-                "label": torch.tensor(labels, dtype=torch.float64), "mask": torch.tensor(mask)}
-    return EpisodeBatch(users=torch.tensor([0, 1]),
-                        support=side([[0, 1], [2, 0]], [[1.0, 0.0], [1.0, 1.0]],
-                                     [[True, True], [True, False]], [0, 1]),
-                        query=side([[2, 1], [1, 2]], [[0.0, 1.0], [0.0, 0.0]],
-                                   [[True, True], [True, False]], [0, 1]))
+def _batch():
+    """Item 1's second support slot padded."""
+    return item_task_batch(support_mask=((True, True), (True, False)))
 
 
 def _mf(seed: int) -> tuple[MatrixFactorization, torch.Tensor, torch.Tensor]:

@@ -94,9 +94,10 @@ class ItemIdEmbedding:
 
 
 class ItemFeatures(nn.Module):
-    """The task item's side information as one vector: an embedding of each item feature
-    (``dim`` wide), concatenated. Read from the first slot: every slot of a task per item
-    carries its item's features."""
+    """The task entity's side information as one vector: an embedding of each of its features
+    (``specs``, ``dim`` wide), concatenated. Read from the first slot: every slot of a task
+    carries its entity's features (the item's with tasks per item; MetaEmb also reads a user's
+    with tasks per user)."""
 
     def __init__(self, specs: Sequence[FeatureSpec], dim: int, algorithm: str) -> None:
         super().__init__()

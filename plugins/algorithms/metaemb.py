@@ -51,8 +51,8 @@ from metarec import (
     PositiveFloat,
     PositiveInt,
 )
-from metarec_plugins.algorithms.item_embedding import ItemIdEmbedding
-from metarec_plugins.backbones.twotower import FeatureEmbeddings, mlp
+from metarec_plugins.algorithms.item_embedding import ItemFeatures, ItemIdEmbedding, freeze
+from metarec_plugins.backbones.twotower import mlp
 
 
 class MetaEmb(MetaAlgorithm):
@@ -80,32 +80,27 @@ class MetaEmb(MetaAlgorithm):
         self.freeze_backbone = bool(freeze_backbone)
 
     def bind(self, model: FunctionalModel) -> None:
-        fast, _ = model.split()
         schema = model.backbone.schema
         side = "item" if getattr(schema, "task_by", "user") == "item" else "user"
         specs = schema.of(side)
         if not specs:
             raise ValueError(f"metaemb generates the task {side}'s embedding from its "
                              f"features: this data has no {side} features")
-        self.specs = list(specs)
         # The task entity's id embedding (with mf's use_item_table, an old item's own trained
         # row removed: the generated embedding replaces it, as for a new item).
         self.ids = ItemIdEmbedding(model)
-        size = self.ids.size
-        self.features = FeatureEmbeddings(specs, self.embedding_dim)
-        self.body, width = mlp(self.embedding_dim * len(specs), self.hidden)
-        self.out = nn.Linear(width, size)
+        self.features = ItemFeatures(specs, self.embedding_dim, "metaemb")
+        self.body, width = mlp(self.features.width, self.hidden)
+        self.out = nn.Linear(width, self.ids.size)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         if self.freeze_backbone:
-            for p in model.backbone.parameters():
-                p.requires_grad_(False)
+            freeze(model.backbone)
 
     def generate(self, support: FeatureBatch) -> dict[str, torch.Tensor]:
         """The generator's offsets ``MLP(e(x_i))`` of one task (its entity's features, read
         from the first slot: every slot of a task carries them, padding included)."""
-        first = {s.key: support[s.key][0] for s in self.specs}
-        return self.ids.unflatten(self.out(self.body(torch.cat(self.features(first), -1))))
+        return self.ids.unflatten(self.out(self.body(self.features(support))))
 
     def task_start(self, model: FunctionalModel, fast: Params, slow: Params,
                    support: FeatureBatch) -> Params:
