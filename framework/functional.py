@@ -181,6 +181,30 @@ def vmap_tasks(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     return run
 
+def _plain() -> bool:
+    """Whether this runs outside every torch.func transform, compiler and inference mode: plain
+    autograd can then take a first-order inner step (the single-task path of
+    :func:`vmap_tasks`)."""
+    return (torch._C._functorch.maybe_current_level() is None
+            and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled())
+
+
+def _first_order_grad(objective: Objective) -> Callable[[Params, FeatureBatch], Params]:
+    """``grad(objective)`` detached, computed by plain ``torch.autograd.grad`` on detached
+    copies of the fast parameters: the same gradients as ``torch.func.grad`` (an unused
+    parameter's is zeros, as there) without its per-call wrapping, which dominates a deployed
+    user's few small steps. Only for first-order steps outside any functorch transform."""
+    def loss_grad(fast: Params, support: FeatureBatch) -> Params:
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_() for k, v in fast.items()}
+            grads = torch.autograd.grad(objective(leaves, support), list(leaves.values()),
+                                        allow_unused=True)
+        return {k: torch.zeros_like(v) if g is None else g
+                for (k, v), g in zip(leaves.items(), grads)}
+
+    return loss_grad
+
+
 class FunctionalModel:
     """A backbone seen as pure functions of (fast, slow) parameter dicts."""
 
@@ -263,7 +287,7 @@ class FunctionalModel:
         if objective is None:
             objective = lambda f, batch: self.loss(f, slow, batch)  # noqa: E731
         support = self.prepare(slow, support)  # encoded once, reused by every inner step
-        loss_grad = grad(objective)
+        loss_grad = _first_order_grad(objective) if first_order and _plain() else grad(objective)
         state = optimizer.init(fast)
         iterates = [fast]
         for step in range(steps):

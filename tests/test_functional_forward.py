@@ -69,3 +69,39 @@ def test_wrapped_layers_fall_back_to_functional_call():
     model = FunctionalModel(melu, ["decision.0.lora_A", "decision.0.lora_B"], "explicit")
     fast, slow = model.split()
     assert torch.equal(model.predict(fast, slow, batch.query), melu(x))
+
+
+def test_first_order_single_task_plain_autograd_equals_functorch(monkeypatch):
+    """A batch of one task adapts first-order by plain ``torch.autograd.grad`` (no functorch
+    wrapping, the deployed-user path): the same iterates as ``torch.func.grad`` under vmap, a
+    zero gradient for a fast parameter the loss does not use, and the update stays
+    differentiable with respect to the start (FOMAML's outer gradient)."""
+    import metarec.functional as functional
+    from metarec import SGD, vmap_tasks
+
+    table, batch = synthetic_batch(n_tasks=1)
+    torch.manual_seed(0)
+    melu = MeLU(table.schema, embedding_dim=4, hidden=(8, 6), use_ids=False).double()
+    model = FunctionalModel(melu, select_parameters(melu, melu.default_fast_parameters()),
+                            "explicit")
+    fast, slow = model.split()
+    fast = {**fast, "unused": torch.ones(3, dtype=torch.float64, requires_grad=True)}
+    calls = []
+    real = functional._first_order_grad
+    monkeypatch.setattr(functional, "_first_order_grad",
+                        lambda objective: calls.append(1) or real(objective))
+
+    def run(single: bool):
+        adapt = lambda task: model.adapt(fast, slow, task, 3, SGD(0.1),  # noqa: E731
+                                         first_order=True, trajectory=True)
+        return vmap_tasks(adapt)(batch.support) if single else vmap(adapt)(batch.support)
+
+    plain, ref = run(True), run(False)
+    assert calls == [1]  # the plain path ran once (one task), functorch's under vmap
+    for a, b in zip(plain, ref):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-12)
+    assert torch.equal(plain[-1]["unused"], fast["unused"].unsqueeze(0))  # zero gradient
+    outer = model.loss_tasks(plain[-1], slow, batch.query).sum()
+    grads = torch.autograd.grad(outer, [v for k, v in fast.items() if k != "unused"])
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
