@@ -405,6 +405,7 @@ class Adapter:
         """The policy's last iterate, under the model's divergence guard (as in evaluation)."""
         from metarec.module import guard_iterates
 
+        support = self.functional.prepare(slow, support)  # encoded once: policy and guard
         iterates = self.policy.adapt(self.functional, start, slow, support)
         guarded, _, _ = guard_iterates(self.functional, iterates, slow, support,
                                        self.model.divergence)

@@ -9,6 +9,8 @@ batch of 32 tasks costs one batched computation, not 32 Python iterations.
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -152,6 +154,20 @@ def _pure_forward(backbone: nn.Module) -> Callable[..., Any] | None:
     return backbone.functional_forward
 
 
+def _pure_encode(backbone: nn.Module) -> Callable[..., Any] | None:
+    """The backbone's pure encoder, ``functional_forward(params, features, encode_only=True)``,
+    when its ``functional_forward`` is pure (:func:`_pure_forward`) and takes ``encode_only``."""
+    pure = _pure_forward(backbone)
+    if pure is None or "encode_only" not in _parameters(type(backbone).functional_forward):
+        return None
+    return lambda params, features: pure(params, features, encode_only=True)
+
+
+@functools.cache
+def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
 class _Method(nn.Module):
     """``forward`` = one named method of a module: lets ``functional_call`` run any method."""
 
@@ -172,14 +188,38 @@ def vmap_tasks(fn: Callable[..., Any]) -> Callable[..., Any]:
     batched = vmap(fn, randomness="different")
 
     def run(*args: Any) -> Any:
-        leaves = [x for x in tree_flatten(args)[0] if isinstance(x, torch.Tensor)]
-        if not leaves or any(x.ndim == 0 or x.shape[0] != 1 for x in leaves):
+        one = _single_task(args)
+        if one is None:
             return batched(*args)
-        one = tree_map(lambda x: x[0] if isinstance(x, torch.Tensor) else x, args)
-        return tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x,
-                        fn(*one))
+        out = fn(*one)
+        if isinstance(out, torch.Tensor):
+            return out.unsqueeze(0)
+        if _tensor_dict(out):
+            return {k: v.unsqueeze(0) for k, v in out.items()}
+        if isinstance(out, list) and all(_tensor_dict(x) for x in out):  # a trajectory
+            return [{k: v.unsqueeze(0) for k, v in x.items()} for x in out]
+        return tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x, out)
 
     return run
+
+
+def _tensor_dict(x: Any) -> bool:
+    return type(x) is dict and all(type(v) is torch.Tensor for v in x.values())
+
+
+def _single_task(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """``args`` without their task dim when every tensor in them has a task dim of 1 (and
+    there is one), else None. Dicts of tensors (feature batches, parameters), the common case,
+    skip pytree's flatten/unflatten: their cost is a good part of a deployed user's call."""
+    if all(_tensor_dict(a) for a in args):
+        leaves = [v for a in args for v in a.values()]
+        if not leaves or any(v.ndim == 0 or v.shape[0] != 1 for v in leaves):
+            return None
+        return tuple({k: v[0] for k, v in a.items()} for a in args)
+    leaves = [x for x in tree_flatten(args)[0] if isinstance(x, torch.Tensor)]
+    if not leaves or any(x.ndim == 0 or x.shape[0] != 1 for x in leaves):
+        return None
+    return tree_map(lambda x: x[0] if isinstance(x, torch.Tensor) else x, args)
 
 def _plain() -> bool:
     """Whether this runs outside every torch.func transform, compiler and inference mode: plain
@@ -223,6 +263,11 @@ class FunctionalModel:
         """``batch`` plus the backbone's slow-only encoding of it, when the backbone has one."""
         if not self.encodes or ENCODED in batch:
             return batch
+        pure = _pure_encode(self.backbone)
+        if pure is not None:
+            encoded = pure(slow, inputs(batch))
+            if encoded is not NotImplemented:
+                return {**batch, ENCODED: encoded}
         buffers = dict(self.backbone.named_buffers())
         encoded = functional_call(self.backbone, (slow, buffers), (inputs(batch),),
                                   {"encode_only": True})

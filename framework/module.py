@@ -65,15 +65,19 @@ def guard_iterates(model: FunctionalModel, iterates: list[Params], slow: Params,
                           randomness="different")(stacked)  # (steps + 1, n)
             all_scores = (vmap(score, randomness="different")(stacked)
                           if score is not None else None)  # (steps + 1, n, Q)
+            steps = len(iterates)
+            finite = torch.isfinite(torch.cat([v.reshape(steps, n, -1)
+                                               for v in stacked.values()], -1)).all(-1)
         else:
             losses = torch.stack([model.loss_tasks(f, slow, support) for f in iterates])
             all_scores = (torch.stack([score(f) for f in iterates])
                           if score is not None else None)
+            finite = torch.stack([~none, *[
+                torch.stack([torch.isfinite(v.reshape(n, -1)).all(1) for v in f.values()])
+                .all(0) for f in iterates[1:]]])  # (steps + 1, n); the start is never flagged
         first = losses[0]
         bad = ~torch.isfinite(losses) | (losses > guard.factor * first.clamp_min(1e-12))
-        finite = [torch.stack([torch.isfinite(v.reshape(n, -1)).all(1) for v in f.values()])
-                  .all(0) for f in iterates[1:]]  # the start is never flagged
-        bad = bad | ~torch.stack([~none, *finite])
+        bad = bad | ~finite
         if all_scores is not None:
             bad = bad | ~(torch.isfinite(all_scores) | ~query["mask"]).all(-1)
         bad[0] = False  # the start is the fallback: never flagged
@@ -253,9 +257,15 @@ class MetaLearner(pl.LightningModule):
         """:meth:`adapt` under the divergence guard (:func:`guard_iterates`): ``(iterates,
         diverged, scores)``, ``diverged[s]`` ``(B,)`` marking the tasks caught by step ``s`` and
         ``scores[s]`` the query scores at step ``s``."""
-        slow = {k: v.detach() for k, v in self.functional.split()[1].items()}
-        return guard_iterates(self.functional, self.adapt(batch), slow, batch.support,
-                              self.divergence, batch.query)
+        fast, slow = self.functional.split()
+        fast = {k: v.detach() for k, v in fast.items()}
+        slow = {k: v.detach() for k, v in slow.items()}
+        # The backbone's slow-only encoding of the support set, once for the policy and the
+        # guard (both skip it when present).
+        support = self.functional.prepare(slow, batch.support)
+        iterates = self.policy.adapt(self.functional, fast, slow, support)
+        return guard_iterates(self.functional, iterates, slow, support, self.divergence,
+                              batch.query)
 
     def _evaluate(self, batch: EpisodeBatch | dict[str, EpisodeBatch], stage: str) -> None:
         """Adapt and score a batch (or, with ``data.eval_support``, the same tasks at every

@@ -198,6 +198,46 @@ def test_divergence_guard_keep_only_counts_and_off_does_nothing():
     assert not any(bool(d.any()) for d in diverged)
 
 
+def test_the_guard_flags_the_same_tasks_stacked_and_per_iterate(monkeypatch):
+    """A few tasks are guarded in one stacked pass, many one iterate at a time: the same flags
+    (a non-finite fast parameter, a blown-up loss) and the same guarded iterates either way."""
+    import metarec.module as module
+
+    model, batch = _exploding_learner("start", factor=1e6)
+    slow = {k: v.detach() for k, v in model.functional.split()[1].items()}
+    iterates = [dict(f) for f in model.adapt(batch)]
+
+    def run():
+        return module.guard_iterates(model.functional, iterates, slow, batch.support,
+                                     model.divergence, batch.query)
+
+    caught = run()[1][1]
+    assert caught.any() and not caught.all()  # some losses blow up at step 1, not all
+    healthy = int((~caught).nonzero()[0])
+    name = next(iter(iterates[1]))
+    poisoned = iterates[1][name].clone()
+    poisoned[healthy].view(-1)[0] = float("nan")  # its fast parameters turn NaN at step 1
+    iterates[1][name] = poisoned
+    stacked = run()
+    monkeypatch.setattr(module, "STACKED_GUARD_TASKS", 0)
+    looped = run()
+    assert torch.equal(stacked[1][1], caught.index_fill(0, torch.tensor([healthy]), True))
+    # The parameter check alone (every loss 0, no query): only the poisoned task is caught.
+    functional = model.functional
+    monkeypatch.setattr(functional, "loss_tasks", lambda f, s, b: torch.zeros(len(batch)))
+    for tasks in (0, 8):  # per iterate, then stacked
+        monkeypatch.setattr(module, "STACKED_GUARD_TASKS", tasks)
+        flags = module.guard_iterates(functional, iterates, slow, batch.support,
+                                      model.divergence)[1]
+        assert flags[1].nonzero().flatten().tolist() == [healthy]
+    for a, b in zip(stacked[1], looped[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(stacked[0], looped[0]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for a, b in zip(stacked[2], looped[2]):
+        torch.testing.assert_close(a, b)
+
+
 def test_the_adapter_serves_under_the_same_guard():
     """Deployment runs the evaluation's guard: a user whose adaptation explodes is served from
     the start."""

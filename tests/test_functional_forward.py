@@ -47,6 +47,22 @@ def test_functional_forward_is_bit_identical(use_ids, bags):
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-14)
 
 
+def test_the_pure_encoder_equals_the_encode_only_forward():
+    """``prepare`` encodes through ``functional_forward(..., encode_only=True)``: the same
+    encoding as the module's ``forward(encode_only=True)``, from the slow parameters alone."""
+    table, batch = synthetic_batch(n_tasks=3)
+    torch.manual_seed(0)
+    melu = MeLU(table.schema, embedding_dim=4, hidden=(8, 6), use_ids=True).double()
+    model = FunctionalModel(melu, select_parameters(melu, melu.default_fast_parameters()),
+                            "explicit")
+    fast, slow = model.split()
+    x = {k: v for k, v in batch.support.items() if k not in ("label", "mask", "time")}
+    prepared = model.prepare(slow, batch.support)
+    assert torch.equal(prepared["_encoded"], melu(x, encode_only=True))
+    assert torch.equal(model.predict(fast, slow, prepared), model.predict(fast, slow,
+                                                                         batch.support))
+
+
 class _NoFast:
     """A FunctionalModel stand-in whose backbone hides functional_forward."""
 

@@ -84,12 +84,14 @@ class MeLU(Backbone):
         return torch.cat(parts, dim=-1)
 
     def functional_forward(self, params: Mapping[str, torch.Tensor],
-                           features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+                           features: Mapping[str, torch.Tensor],
+                           encode_only: bool = False) -> torch.Tensor:
         """:meth:`forward` as a pure function of a parameter dict ``{name: tensor}`` (every
-        parameter), with ``torch.nn.functional`` ops only: the fast path that
-        :meth:`metarec.FunctionalModel.predict` takes, which skips ``functional_call``'s
-        re-binding of the module's parameters (most of the cost of one small forward pass).
-        Bit-identical to ``functional_call(self, params, (features,))``. Returns
+        parameter; with ``encode_only``, the encoder's suffice), with ``torch.nn.functional``
+        ops only: the fast path that :meth:`metarec.FunctionalModel.predict` and ``prepare``
+        take, which skips ``functional_call``'s re-binding of the module's parameters (most of
+        the cost of one small forward pass). Bit-identical to
+        ``functional_call(self, params, (features,), {"encode_only": encode_only})``. Returns
         ``NotImplemented`` (use ``functional_call``) when a layer is not the plain one it
         expects, e.g. wrapped by LoRA."""
         layers = list(self.decision._modules.values())  # (no Sequential slicing: it builds one)
@@ -117,6 +119,8 @@ class MeLU(Backbone):
                 parts += [F.embedding(features["user_id"], params["user_embedding.weight"]),
                           F.embedding(features["item_id"], params["item_embedding.weight"])]
             h = torch.cat(parts, dim=-1)
+        if encode_only:
+            return h
         names = [f"decision.{i}" for i in range(0, len(layers), 2)] + ["output"]
         for i, name in enumerate(names):
             h = F.linear(h, params[f"{name}.weight"], params[f"{name}.bias"])
