@@ -255,3 +255,16 @@ def test_the_adapter_serves_under_the_same_guard():
                      user_features=tables(table.user_features))._run(batch.support)
     for name, value in served.items():
         torch.testing.assert_close(value, expected[-1][name])
+
+
+def test_finite_rows_is_exact_when_a_sum_overflows():
+    """The guard's parameter check reads row sums, but a row of large finite values whose sum
+    overflows is still finite; NaN and +-inf anywhere in a row are caught."""
+    from metarec.module import finite_rows
+
+    big = torch.full((4, 3, 2), 3e38)
+    other = torch.zeros(4, 5)
+    assert finite_rows([big, other], 4).all()
+    other[1, 2], big[2, 0, 1], big[3, 1, 0] = float("nan"), float("inf"), -float("inf")
+    assert finite_rows([big, other], 4).tolist() == [True, False, False, False]
+    assert finite_rows([torch.randn(6, 2)], 6).all()
