@@ -108,7 +108,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    payload = torch.load(args.payload, weights_only=False)
+    payload = torch.load(args.payload, weights_only=True)
     cfg = payload["config"]
     specs, state = cfg["specs"], payload["state_dict"]
 

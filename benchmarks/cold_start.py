@@ -291,9 +291,9 @@ def _best_epoch(path: str) -> int | None:
     match = re.search(r"epoch=(\d+)", Path(path).name)
     if match:
         return int(match.group(1))
-    import torch
+    from metarec.checkpoint import read_checkpoint
 
-    return int(torch.load(path, map_location="cpu", weights_only=False).get("epoch", -1))
+    return int(read_checkpoint(path).get("epoch", -1))
 
 
 def chance_rows(cli: Any, seed: int, draws: int = 20, config: Any = None) -> dict[str, Any]:

@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
             loop_meta_gradient(model, tb, steps, lr)
         if worker is not None:
             l2l_info = worker.ready()
-            g_l2l = torch.load(Path(tmp.name) / "l2l_grads.pt")
+            g_l2l = torch.load(Path(tmp.name) / "l2l_grads.pt", weights_only=True)
             checks["l2l_vs_vmap"] = compare(g_vmap, g_l2l, 1e-4, 1e-6, "learn2learn vs vmap")
 
         def timer(fn, items):

@@ -406,9 +406,9 @@ class Adapter:
         from metarec.module import guard_iterates
 
         support = self.functional.prepare(slow, support)  # encoded once: policy and guard
-        iterates = self.policy.adapt(self.functional, start, slow, support)
+        iterates, losses = self.policy.adapt_with_losses(self.functional, start, slow, support)
         guarded, _, _ = guard_iterates(self.functional, iterates, slow, support,
-                                       self.model.divergence)
+                                       self.model.divergence, losses=losses)
         return guarded[-1]
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,16 +99,18 @@ class MetaAlgorithm(nn.Module):
     def adapt(self, model: FunctionalModel, fast: Params, slow: Params, support: FeatureBatch, *,
               steps: int | None = None, optimizer: InnerOptimizer | None = None,
               first_order: bool = False, trajectory: bool = False,
-              from_start: bool = True) -> Params | list[Params]:
+              from_start: bool = True, support_losses: bool = False) -> Any:
         """This algorithm's inner loop on one task (vmap it across tasks), from the task's
         start (:meth:`task_start` of ``fast``); ``from_start=False`` continues from ``fast``
-        as given (e.g. a user's already-adapted parameters)."""
+        as given (e.g. a user's already-adapted parameters). ``support_losses``: also every
+        iterate's support loss (:meth:`FunctionalModel.adapt`)."""
         if from_start:
             fast = self.task_start(model, fast, slow, support)
         return model.adapt(fast, slow, support, self.inner_steps if steps is None else steps,
                            optimizer or self.inner_optimizer(),
                            objective=self.inner_objective(model, fast, slow),
-                           first_order=first_order, trajectory=trajectory)
+                           first_order=first_order, trajectory=trajectory,
+                           support_losses=support_losses)
 
     def outer_loss(self, model: FunctionalModel,
                    batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

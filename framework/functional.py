@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from metarec.data.episodes import ENCODED, FeatureBatch, inputs
@@ -95,6 +95,8 @@ class SGD(InnerOptimizer):
             return {k: fast[k] - lr[k] * grads[k] for k in fast}, state
         if isinstance(lr, torch.Tensor) and lr.ndim == 1:
             lr = lr[min(step, lr.shape[0] - 1)]
+        if isinstance(lr, (int, float)):  # one fused op per parameter
+            return {k: torch.add(fast[k], grads[k], alpha=-lr) for k in fast}, state
         return {k: fast[k] - lr * grads[k] for k in fast}, state
 
 
@@ -191,16 +193,21 @@ def vmap_tasks(fn: Callable[..., Any]) -> Callable[..., Any]:
         one = _single_task(args)
         if one is None:
             return batched(*args)
-        out = fn(*one)
-        if isinstance(out, torch.Tensor):
-            return out.unsqueeze(0)
-        if _tensor_dict(out):
-            return {k: v.unsqueeze(0) for k, v in out.items()}
-        if isinstance(out, list) and all(_tensor_dict(x) for x in out):  # a trajectory
-            return [{k: v.unsqueeze(0) for k, v in x.items()} for x in out]
-        return tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x, out)
+        return _with_task_dim(fn(*one))
 
     return run
+
+
+def _with_task_dim(out: Any) -> Any:
+    """``out`` (tensors, dicts of tensors, and lists or tuples of those, e.g. a trajectory and
+    its losses) with a task dim of 1 added to every tensor; pytree for anything else."""
+    if type(out) is torch.Tensor:
+        return out.unsqueeze(0)
+    if _tensor_dict(out):
+        return {k: v.unsqueeze(0) for k, v in out.items()}
+    if type(out) in (list, tuple):
+        return type(out)(_with_task_dim(x) for x in out)
+    return tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x, out)
 
 
 def _tensor_dict(x: Any) -> bool:
@@ -229,18 +236,20 @@ def _plain() -> bool:
             and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled())
 
 
-def _first_order_grad(objective: Objective) -> Callable[[Params, FeatureBatch], Params]:
-    """``grad(objective)`` detached, computed by plain ``torch.autograd.grad`` on detached
-    copies of the fast parameters: the same gradients as ``torch.func.grad`` (an unused
-    parameter's is zeros, as there) without its per-call wrapping, which dominates a deployed
-    user's few small steps. Only for first-order steps outside any functorch transform."""
-    def loss_grad(fast: Params, support: FeatureBatch) -> Params:
+def _first_order_grad(objective: Objective
+                      ) -> Callable[[Params, FeatureBatch], tuple[Params, torch.Tensor]]:
+    """``grad_and_value(objective)`` detached, computed by plain ``torch.autograd.grad`` on
+    detached copies of the fast parameters: the same gradients as ``torch.func.grad`` (an
+    unused parameter's is zeros, as there) without its per-call wrapping, which dominates a
+    deployed user's few small steps. Only for first-order steps outside any functorch
+    transform."""
+    def loss_grad(fast: Params, support: FeatureBatch) -> tuple[Params, torch.Tensor]:
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in fast.items()}
-            grads = torch.autograd.grad(objective(leaves, support), list(leaves.values()),
-                                        allow_unused=True)
+            loss = objective(leaves, support)
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         return {k: torch.zeros_like(v) if g is None else g
-                for (k, v), g in zip(leaves.items(), grads)}
+                for (k, v), g in zip(leaves.items(), grads)}, loss.detach()
 
     return loss_grad
 
@@ -321,28 +330,40 @@ class FunctionalModel:
 
     def adapt(self, fast: Params, slow: Params, support: FeatureBatch, steps: int,
               optimizer: InnerOptimizer, *, objective: Objective | None = None,
-              first_order: bool = False, trajectory: bool = False) -> Params | list[Params]:
+              first_order: bool = False, trajectory: bool = False,
+              support_losses: bool = False) -> Any:
         """Run ``steps`` inner updates on one task's support set.
 
         ``objective(fast, support)`` is the inner loss (default: the support loss). Gradients
         come from ``torch.func.grad``; the result stays differentiable with respect to ``fast``
         (second order) unless ``first_order`` detaches the inner gradients. Returns the adapted
-        parameters, or every iterate (steps ``0..steps``) when ``trajectory`` is set.
+        parameters, or every iterate (steps ``0..steps``) when ``trajectory`` is set; with
+        ``support_losses``, also the support loss of every iterate, ``(steps + 1,)``, detached
+        (what the divergence guard reads): with the default objective, the values its
+        gradients were taken at, plus one loss of the last iterate.
         """
-        if objective is None:
-            objective = lambda f, batch: self.loss(f, slow, batch)  # noqa: E731
+        support_loss = lambda f, batch: self.loss(f, slow, batch)  # noqa: E731
+        custom = objective is not None
+        objective = objective or support_loss
         support = self.prepare(slow, support)  # encoded once, reused by every inner step
-        loss_grad = _first_order_grad(objective) if first_order and _plain() else grad(objective)
+        loss_grad = (_first_order_grad(objective) if first_order and _plain()
+                     else grad_and_value(objective))
         state = optimizer.init(fast)
-        iterates = [fast]
+        iterates, losses = [fast], []
         for step in range(steps):
-            grads = loss_grad(fast, support)
+            grads, value = loss_grad(fast, support)
+            if support_losses:
+                losses.append(support_loss(fast, support) if custom else value)
             if first_order:
                 grads = {k: g.detach() for k, g in grads.items()}
             fast, state = optimizer.step(fast, grads, state, step)
             if trajectory:
                 iterates.append(fast)
-        return iterates if trajectory else fast
+        result = iterates if trajectory else fast
+        if not support_losses:
+            return result
+        losses.append(support_loss(fast, support))
+        return result, torch.stack([v.detach() for v in losses])
 
     def adapt_tasks(self, fast: Params, slow: Params, support: FeatureBatch, steps: int,
                     optimizer: InnerOptimizer, **kwargs: Any) -> Params | list[Params]:

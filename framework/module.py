@@ -42,11 +42,14 @@ def finite_rows(tensors: list[torch.Tensor], rows: int) -> torch.Tensor:
 
 
 def guard_iterates(model: FunctionalModel, iterates: list[Params], slow: Params,
-                   support: FeatureBatch, guard: DivergenceGuard, query: FeatureBatch | None = None
+                   support: FeatureBatch, guard: DivergenceGuard, query: FeatureBatch | None = None,
+                   losses: torch.Tensor | None = None
                    ) -> tuple[list[Params], list[torch.Tensor], list[torch.Tensor] | None]:
     """The divergence guard on a policy's iterates (leading task dim): ``(iterates, diverged,
     scores)``; ``scores`` are the query scores of the (guarded) iterates when ``query`` is
-    given (each computed once, for the guard and for the caller), else None.
+    given (each computed once, for the guard and for the caller), else None. ``losses``: the
+    iterates' support losses ``(steps + 1, n)`` when the policy has them
+    (:meth:`AdaptationPolicy.adapt_with_losses`), else the guard computes them.
 
     A task diverges at the first step whose *support* loss is non-finite or above
     ``guard.factor`` times its step-0 support loss, or whose fast parameters (or, when
@@ -74,14 +77,16 @@ def guard_iterates(model: FunctionalModel, iterates: list[Params], slow: Params,
             # Compiled (Adapter(compile=True)): one pass per iterate too, which compiles faster
             # and has no per-call overhead to save.
             stacked = {k: torch.stack([f[k] for f in iterates]) for k in iterates[0]}
-            losses = vmap(lambda f: model.loss_tasks(f, slow, support),
-                          randomness="different")(stacked)  # (steps + 1, n)
+            if losses is None:
+                losses = vmap(lambda f: model.loss_tasks(f, slow, support),
+                              randomness="different")(stacked)  # (steps + 1, n)
             all_scores = (vmap(score, randomness="different")(stacked)
                           if score is not None else None)  # (steps + 1, n, Q)
             finite = finite_rows(list(stacked.values()), len(iterates) * n
                                  ).view(len(iterates), n)
         else:
-            losses = torch.stack([model.loss_tasks(f, slow, support) for f in iterates])
+            if losses is None:
+                losses = torch.stack([model.loss_tasks(f, slow, support) for f in iterates])
             all_scores = (torch.stack([score(f) for f in iterates])
                           if score is not None else None)
             finite = torch.stack([~none, *[finite_rows(list(f.values()), n)
@@ -274,9 +279,9 @@ class MetaLearner(pl.LightningModule):
         # The backbone's slow-only encoding of the support set, once for the policy and the
         # guard (both skip it when present).
         support = self.functional.prepare(slow, batch.support)
-        iterates = self.policy.adapt(self.functional, fast, slow, support)
+        iterates, losses = self.policy.adapt_with_losses(self.functional, fast, slow, support)
         return guard_iterates(self.functional, iterates, slow, support, self.divergence,
-                              batch.query)
+                              batch.query, losses)
 
     def _evaluate(self, batch: EpisodeBatch | dict[str, EpisodeBatch], stage: str) -> None:
         """Adapt and score a batch (or, with ``data.eval_support``, the same tasks at every

@@ -30,6 +30,14 @@ class AdaptationPolicy:
               support: FeatureBatch) -> list[Params]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def adapt_with_losses(self, model: FunctionalModel, fast: Params, slow: Params,
+                          support: FeatureBatch) -> tuple[list[Params], torch.Tensor | None]:
+        """:meth:`adapt`, and every iterate's support loss ``(max_steps + 1, B)`` when the
+        policy has it for free (its inner steps computed it), else None. The divergence guard
+        reads these losses instead of scoring every iterate's support set again. Default:
+        ``(adapt(...), None)``."""
+        return self.adapt(model, fast, slow, support), None
+
     def calibrate(self, model: FunctionalModel, fast: Params, slow: Params,
                   batches: Iterable[EpisodeBatch]) -> dict[str, Any] | None:
         """Choose settings on *validation* tasks before a test (or predict) run.

@@ -268,3 +268,26 @@ def test_finite_rows_is_exact_when_a_sum_overflows():
     other[1, 2], big[2, 0, 1], big[3, 1, 0] = float("nan"), float("inf"), -float("inf")
     assert finite_rows([big, other], 4).tolist() == [True, False, False, False]
     assert finite_rows([torch.randn(6, 2)], 6).all()
+
+
+def test_the_guard_reads_the_policys_losses_with_the_same_flags():
+    """``finetune`` hands the guard the support losses its steps computed: the same flags and
+    iterates as the guard computing them itself."""
+    from metarec.module import guard_iterates
+
+    model, batch = _exploding_learner("start", factor=1e6)
+    fast, slow = model.functional.split()
+    fast = {k: v.detach() for k, v in fast.items()}
+    slow = {k: v.detach() for k, v in slow.items()}
+    iterates, losses = model.policy.adapt_with_losses(model.functional, fast, slow,
+                                                      batch.support)
+    assert losses.shape == (len(iterates), len(batch))
+    given = guard_iterates(model.functional, iterates, slow, batch.support, model.divergence,
+                           losses=losses)
+    computed = guard_iterates(model.functional, iterates, slow, batch.support,
+                              model.divergence)
+    assert given[1][1].any() and not given[1][1].all()
+    for a, b in zip(given[1], computed[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(given[0], computed[0]):
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -121,3 +121,31 @@ def test_first_order_single_task_plain_autograd_equals_functorch(monkeypatch):
     outer = model.loss_tasks(plain[-1], slow, batch.query).sum()
     grads = torch.autograd.grad(outer, [v for k, v in fast.items() if k != "unused"])
     assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("tasks", [1, 3])  # one task: the plain-autograd path; three: vmapped
+@pytest.mark.parametrize("custom", [False, True])
+def test_support_losses_are_the_iterates_support_losses(tasks, custom):
+    """``adapt(support_losses=True)`` returns every iterate's support loss (what the guard
+    reads): the values the default objective's gradients were taken at, or, under another
+    inner objective, the support loss computed beside it."""
+    from metarec import SGD, vmap_tasks
+
+    table, batch = synthetic_batch(n_tasks=tasks)
+    torch.manual_seed(0)
+    melu = MeLU(table.schema, embedding_dim=4, hidden=(8, 6)).double()
+    model = FunctionalModel(melu, select_parameters(melu, melu.default_fast_parameters()),
+                            "explicit")
+    fast, slow = model.split()
+    fast = {k: v.detach() for k, v in fast.items()}
+    objective = None
+    if custom:  # a proximal term: not the support loss
+        objective = lambda f, b: model.loss(f, slow, b) + sum(  # noqa: E731
+            ((f[k] - fast[k]) ** 2).sum() for k in f)
+    iterates, losses = vmap_tasks(lambda task: model.adapt(
+        fast, slow, task, 3, SGD(0.5), objective=objective, first_order=True,
+        trajectory=True, support_losses=True))(batch.support)
+    assert losses.shape == (tasks, 4)
+    expected = torch.stack([model.loss_tasks(f, slow, batch.support) for f in iterates], 1)
+    torch.testing.assert_close(losses, expected, rtol=1e-12, atol=1e-12)
+    assert len({round(float(v), 9) for v in losses[0]}) == 4  # the steps moved the loss

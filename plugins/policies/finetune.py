@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from metarec import (
     SGD,
     AdaptationPolicy,
@@ -49,8 +51,14 @@ class FineTune(AdaptationPolicy):
 
     def adapt(self, model: FunctionalModel, fast: Params, slow: Params,
               support: FeatureBatch) -> list[Params]:
+        return self.adapt_with_losses(model, fast, slow, support)[0]
+
+    def adapt_with_losses(self, model: FunctionalModel, fast: Params, slow: Params,
+                          support: FeatureBatch) -> tuple[list[Params], torch.Tensor]:
         algorithm, optimizer = self.algorithm, self.optimizer()
-        # The algorithm's inner loop (its objective) with this optimiser; iterates 0..max_steps.
-        return vmap_tasks(lambda task: algorithm.adapt(model, fast, slow, task,
-                                                       steps=self.max_steps, optimizer=optimizer,
-                                                       first_order=True, trajectory=True))(support)
+        # The algorithm's inner loop (its objective) with this optimiser; iterates 0..max_steps
+        # and their support losses, (B, max_steps + 1) -> (max_steps + 1, B).
+        iterates, losses = vmap_tasks(lambda task: algorithm.adapt(
+            model, fast, slow, task, steps=self.max_steps, optimizer=optimizer,
+            first_order=True, trajectory=True, support_losses=True))(support)
+        return iterates, losses.t()
