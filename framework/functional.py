@@ -95,7 +95,9 @@ class SGD(InnerOptimizer):
             return {k: fast[k] - lr[k] * grads[k] for k in fast}, state
         if isinstance(lr, torch.Tensor) and lr.ndim == 1:
             lr = lr[min(step, lr.shape[0] - 1)]
-        if isinstance(lr, (int, float)):  # one fused op per parameter
+        if isinstance(lr, (int, float)) and not torch.compiler.is_compiling():
+            # One fused op per parameter. Not when compiling: Inductor (torch 2.13) miscompiles
+            # add's alpha after torch.func.grad_and_value (silently wrong iterates).
             return {k: torch.add(fast[k], grads[k], alpha=-lr) for k in fast}, state
         return {k: fast[k] - lr * grads[k] for k in fast}, state
 
@@ -160,14 +162,9 @@ def _pure_encode(backbone: nn.Module) -> Callable[..., Any] | None:
     """The backbone's pure encoder, ``functional_forward(params, features, encode_only=True)``,
     when its ``functional_forward`` is pure (:func:`_pure_forward`) and takes ``encode_only``."""
     pure = _pure_forward(backbone)
-    if pure is None or "encode_only" not in _parameters(type(backbone).functional_forward):
+    if pure is None or "encode_only" not in inspect.signature(pure).parameters:
         return None
-    return lambda params, features: pure(params, features, encode_only=True)
-
-
-@functools.cache
-def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
-    return frozenset(inspect.signature(fn).parameters)
+    return functools.partial(pure, encode_only=True)
 
 
 class _Method(nn.Module):
@@ -267,14 +264,14 @@ class FunctionalModel:
         # Encode once per task when the encoder holds no fast parameter (see Backbone).
         self.encodes = bool(encoder) and not any(
             fnmatch.fnmatchcase(n, p) for n in self.fast_names for p in encoder)
+        self._encode = _pure_encode(backbone) if self.encodes else None  # found once
 
     def prepare(self, slow: Params, batch: FeatureBatch) -> FeatureBatch:
         """``batch`` plus the backbone's slow-only encoding of it, when the backbone has one."""
         if not self.encodes or ENCODED in batch:
             return batch
-        pure = _pure_encode(self.backbone)
-        if pure is not None:
-            encoded = pure(slow, inputs(batch))
+        if self._encode is not None:
+            encoded = self._encode(slow, inputs(batch))
             if encoded is not NotImplemented:
                 return {**batch, ENCODED: encoded}
         buffers = dict(self.backbone.named_buffers())

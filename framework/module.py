@@ -101,9 +101,11 @@ def guard_iterates(model: FunctionalModel, iterates: list[Params], slow: Params,
         flags = list(diverged.unbind(0))
         scores = list(all_scores.unbind(0)) if all_scores is not None else [None] * len(iterates)
         guarded = list(iterates)
-        if guard.fallback == "start" and bool(diverged.any()):
+        # Compiled: no data-dependent branch (a graph break); the selection runs for all.
+        compiling = torch.compiler.is_compiling()
+        if guard.fallback == "start" and (compiling or bool(diverged.any())):
             for i in range(1, len(iterates)):
-                if not bool(diverged[i].any()):
+                if not compiling and not bool(diverged[i].any()):
                     continue
                 guarded[i] = {k: torch.where(diverged[i].view(-1, *([1] * (v.ndim - 1))),
                                              iterates[0][k], v) for k, v in iterates[i].items()}

@@ -149,3 +149,28 @@ def test_support_losses_are_the_iterates_support_losses(tasks, custom):
     expected = torch.stack([model.loss_tasks(f, slow, batch.support) for f in iterates], 1)
     torch.testing.assert_close(losses, expected, rtol=1e-12, atol=1e-12)
     assert len({round(float(v), 9) for v in losses[0]}) == 4  # the steps moved the loss
+
+
+def test_compiled_inner_steps_equal_eager():
+    """The inner loop under ``torch.compile`` (what ``Adapter(compile=True)`` runs) gives the
+    eager iterates: a guard against Inductor miscompiling the SGD step (it computes ``add``'s
+    ``alpha`` wrongly after ``grad_and_value`` in torch 2.13)."""
+    from metarec import SGD
+
+    table, batch = synthetic_batch(n_tasks=1)
+    torch.manual_seed(0)
+    melu = MeLU(table.schema, embedding_dim=4, hidden=(8,))
+    model = FunctionalModel(melu, select_parameters(melu, melu.default_fast_parameters()),
+                            "explicit")
+    fast, slow = model.split()
+    fast = {k: v.detach() for k, v in fast.items()}
+    slow = {k: v.detach() for k, v in slow.items()}
+    task = {k: v[0] for k, v in batch.support.items()}
+    run = lambda task: model.adapt(fast, slow, task, 3, SGD(0.1),  # noqa: E731
+                                   first_order=True, support_losses=True)
+    with torch.no_grad():
+        eager = run(task)
+        compiled = torch.compile(run, dynamic=False)(task)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-5, atol=1e-6)
+    for k in fast:
+        torch.testing.assert_close(compiled[0][k], eager[0][k], rtol=1e-5, atol=1e-6)
