@@ -101,6 +101,23 @@ def assert_inner_loop_changes_exactly(backbone, model, names, support) -> None:
         assert torch.equal(v, state[k]), k
 
 
+def assert_encoded_path_equals_full_forward(model, support) -> None:
+    """MAML's inner loop on one task with the slow-only encoding computed once
+    (``model.encodes``) equals the same loop re-encoding at every step."""
+    from metarec import ENCODED, FunctionalModel
+    from metarec_plugins.algorithms.maml import MAML
+
+    assert model.encodes
+    fast, slow = model.split()
+    full = FunctionalModel(model.backbone, model.fast_names, model.feedback)
+    full.encodes = False
+    a = MAML(inner_steps=3, inner_lr=0.1).adapt(model, fast, slow, support)
+    b = MAML(inner_steps=3, inner_lr=0.1).adapt(full, fast, slow, support)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12)
+    assert ENCODED in model.prepare(slow, support)
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run in a temporary directory (runs/ and wandb/ files land there)."""

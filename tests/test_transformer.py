@@ -11,12 +11,12 @@ from torch import nn
 
 from conftest import (
     REPO,
+    assert_encoded_path_equals_full_forward,
     assert_inner_loop_changes_exactly,
     assert_vmap_matches_loop,
     synthetic_setup,
 )
 from metarec import (
-    ENCODED,
     SGD,
     EpisodeCollator,
     FunctionalModel,
@@ -26,7 +26,6 @@ from metarec import (
 )
 from metarec.cli import MetarecCLI
 from metarec.data.tasks import TaskSet
-from metarec_plugins.algorithms.maml import MAML
 
 H = 6
 SMALL = {"dim": 8, "layers": 2, "heads": 2, "scorer_hidden": (6,)}
@@ -278,18 +277,7 @@ def test_declared_fast_parameters_are_exactly_what_the_inner_loop_changes(schema
 
 
 def test_encoded_fast_path_equals_the_full_forward(schema, batch):
-    backbone = make(schema)
-    model = functional(backbone)
-    assert model.encodes
-    fast, slow = model.split()
-    support = task(batch.support, 1)
-    full = FunctionalModel(backbone, model.fast_names, "explicit")
-    full.encodes = False
-    a = MAML(inner_steps=3, inner_lr=0.1).adapt(model, fast, slow, support)
-    b = MAML(inner_steps=3, inner_lr=0.1).adapt(full, fast, slow, support)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12)
-    assert ENCODED in model.prepare(slow, support)
+    assert_encoded_path_equals_full_forward(functional(make(schema)), task(batch.support, 1))
 
 
 def test_explicit_starts_at_the_scale_midpoint_and_implicit_at_zero(setup):

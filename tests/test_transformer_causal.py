@@ -9,11 +9,12 @@ import torch
 
 from conftest import (
     REPO,
+    assert_encoded_path_equals_full_forward,
     assert_inner_loop_changes_exactly,
     assert_vmap_matches_loop,
     synthetic_setup,
 )
-from metarec import ENCODED, EpisodeCollator, FunctionalModel, build, select_parameters
+from metarec import EpisodeCollator, FunctionalModel, build, select_parameters
 from metarec.cli import MetarecCLI
 from metarec.serving.events import _pad_history
 from metarec_plugins.algorithms.maml import MAML
@@ -191,17 +192,8 @@ def test_fast_parameters_and_the_encoded_path(setup):
     assert names == FAST
     assert "relative" in select_parameters(backbone, backbone.encoder_parameters())
     model = functional(backbone)
-    assert model.encodes
     assert_inner_loop_changes_exactly(backbone, model, names, task(batch.support, 0))
-    fast, slow = model.split()
-    full = FunctionalModel(backbone, model.fast_names, "explicit")
-    full.encodes = False
-    support = task(batch.support, 1)
-    a = MAML(inner_steps=3, inner_lr=0.1).adapt(model, fast, slow, support)
-    b = MAML(inner_steps=3, inner_lr=0.1).adapt(full, fast, slow, support)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12)
-    assert ENCODED in model.prepare(slow, support)
+    assert_encoded_path_equals_full_forward(model, task(batch.support, 1))
 
 
 def test_maml_meta_gradients_are_finite_and_equal_vmapped_and_per_task(setup):
