@@ -36,7 +36,6 @@ positive rate, recall 0.5); MAE of predicting every rating with the training mea
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shlex
@@ -160,8 +159,7 @@ def run_one(method: Method, seed: int, *, kind: str, extra: Sequence[str] = (),
             tests = {}
             for name in names:
                 if name is not None:  # the same weights, another scenario's test set
-                    dm.scenario = dataclasses.replace(dm.scenario, name=name)
-                    dm._splits = None
+                    dm.use_scenario(name)
                 model.test_metrics.clear()
                 trainer.test(model, datamodule=dm, ckpt_path=ckpt, verbose=False)
                 rows = model.user_results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -359,6 +360,14 @@ class EpisodeDataModule(pl.LightningDataModule):
                                            folds=self.folds, fold=self.fold,
                                            assignment=assignment)
         return self._splits
+
+    def use_scenario(self, name: str) -> None:
+        """Switch to another of MeLU's scenarios on the same data and seed (its tasks are
+        rebuilt on next use): e.g. one trained model tested on every scenario's test set."""
+        if self.scenario is None:
+            raise ConfigError("use_scenario needs data.scenario to be set")
+        self.scenario = dataclasses.replace(self.scenario, name=name)
+        self._splits = None
 
     @property
     def schema(self) -> DataSchema:

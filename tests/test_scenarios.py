@@ -103,3 +103,23 @@ def test_errors(table):
         build_scenario_tasks(table, CONFIG, ScenarioConfig(item_feature="genre"))
     with pytest.raises(ConfigError, match="task_by"):
         build_scenario_tasks(table, TaskConfig(task_by="item"), ScenarioConfig())
+
+
+def test_the_datamodule_switches_scenario_on_the_same_data(table):
+    """``use_scenario`` rebuilds the tasks of another scenario from the same table and seed:
+    the same training users, that scenario's test users."""
+    from metarec.datamodule import EpisodeDataModule
+
+    dm = EpisodeDataModule(tasks=CONFIG, scenario=ScenarioConfig(name="warm"), seed=1)
+    dm._table = table  # the module's own table, as if loaded from its dataset
+    warm = dm.splits
+    dm.use_scenario("new_user")
+    new_user = dm.splits
+    expected = build_scenario_tasks(table, CONFIG, ScenarioConfig(name="new_user"), seed=1)
+    assert new_user is not warm and dm.scenario.name == "new_user"
+    assert new_user.train.users.tolist() == warm.train.users.tolist()
+    assert new_user.test.users.tolist() == expected.test.users.tolist()
+    with pytest.raises(ValueError, match="name"):
+        dm.use_scenario("cold")
+    with pytest.raises(ConfigError, match="scenario"):
+        EpisodeDataModule().use_scenario("warm")
