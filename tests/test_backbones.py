@@ -19,9 +19,10 @@ from conftest import (
 from metarec import FunctionalModel, build, select_parameters
 from metarec.cli import MetarecCLI
 from metarec_plugins.algorithms.maml import MAML
+from metarec_plugins.backbones.feature_tables import MultiHotEmbedding
 from metarec_plugins.backbones.lora import LoRA, LoRALinear, add_lora
 from metarec_plugins.backbones.mf import MatrixFactorization
-from metarec_plugins.backbones.twotower import MultiHotEmbedding, TwoTower
+from metarec_plugins.backbones.twotower import TwoTower
 
 LORA = "metarec_plugins.backbones.lora:LoRA"
 SMALL_MELU = {"embedding_dim": 4, "hidden": (8, 6)}

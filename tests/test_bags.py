@@ -20,7 +20,11 @@ SCHEMA = DataSchema(num_users=9, num_items=11, features=(
 BACKBONES = {"melu": {"embedding_dim": 4, "hidden": (8, 6)},
              "twotower": {"embedding_dim": 4, "hidden": (8,), "dim": 6},
              "mf": {"embedding_dim": 5},
-             "transformer": {"dim": 8, "layers": 1, "heads": 2, "scorer_hidden": (6,)}}
+             "transformer": {"dim": 8, "layers": 1, "heads": 2, "scorer_hidden": (6,)},
+             "tanp": {"embedding_dim": 4, "encoder_hidden": (6,), "r_dim": 4, "s_dim": 4,
+                      "z_dim": 4, "identity_hidden": (6,), "task_dim": 4, "clusters": 3,
+                      "decoder_hidden": (6, 5)},
+             "mamo": {"embedding_dim": 4}}
 
 
 def _dense(lead, k, seed):
@@ -95,6 +99,7 @@ def test_backbones_score_bags_as_the_dense_form(name):
                                   query={**x, "label": labels["label"], "mask": labels["mask"]})
     grads = []
     for x in (dense, bags):
+        torch.manual_seed(2)  # the same draws for a stochastic backbone (TaNP's latent z)
         loss, _ = MAML(inner_steps=2, inner_lr=0.1).outer_loss(model, make(x))
         grads.append(torch.autograd.grad(loss, list(backbone.parameters()), allow_unused=True))
     for (n, _), a, b in zip(backbone.named_parameters(), *grads):

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from metarec import FeatureBatch, FeatureSpec, FunctionalModel, Params
-from metarec_plugins.backbones.twotower import FeatureEmbeddings
+from metarec_plugins.backbones.feature_tables import FeatureEmbeddings
 
 # mf's item side: the fast default row and bias, and the slow per-item rows (use_item_table).
 MF_ID_TABLES = {"item_default": "item_embedding.weight", "item_default_bias": "item_bias.weight"}

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from metarec import Backbone, DataSchema, NonNegativeFloat, PositiveInt
-from metarec_plugins.backbones.twotower import FeatureEmbeddings, mlp
+from metarec_plugins.backbones.feature_tables import FeatureEmbeddings
+from metarec_plugins.backbones.twotower import mlp
 
 
 class DropoutNet(Backbone):

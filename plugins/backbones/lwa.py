@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from metarec import Backbone, DataSchema, FeatureBatch, PositiveInt
-from metarec_plugins.backbones.twotower import FeatureEmbeddings, mlp
+from metarec_plugins.backbones.feature_tables import FeatureEmbeddings
+from metarec_plugins.backbones.twotower import mlp
 
 
 class HistoryEncoder(nn.Module):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarec import ENCODED, Backbone, DataSchema, FeatureSpec, PositiveInt
+from metarec_plugins.backbones.feature_tables import embed_features, feature_tables
 
 SLOPE = 0.1  # the authors' LeakyReLU slope
 
@@ -67,11 +68,7 @@ class MAMO(Backbone):
                              "profile) and item features; this data set has "
                              f"{len(self.user_specs)} user and {len(self.item_specs)} item "
                              "features")
-        self.tables = nn.ModuleDict()
-        for spec in self.user_specs + self.item_specs:
-            self.tables[self._name(spec)] = (
-                nn.Embedding(spec.cardinality, embedding_dim) if spec.kind == "categorical"
-                else nn.Linear(spec.cardinality, embedding_dim, bias=False))
+        self.tables = feature_tables(self.user_specs + self.item_specs, embedding_dim)
         self.profile_dim = embedding_dim * len(self.user_specs)
         self.item_profile_dim = embedding_dim * len(self.item_specs)
         self.user_embedding, _ = _halving(self.profile_dim, embedding_dim, n_layers)
@@ -83,21 +80,9 @@ class MAMO(Backbone):
         if schema.feedback == "explicit" and schema.rating_range is not None:
             nn.init.constant_(self.output.bias, sum(schema.rating_range) / 2)
 
-    @staticmethod
-    def _name(spec: FeatureSpec) -> str:
-        return spec.key.replace(".", "__")
-
     def _profile(self, features: Mapping[str, torch.Tensor],
                  specs: tuple[FeatureSpec, ...]) -> torch.Tensor:
-        parts = []
-        for spec in specs:
-            table, x = self.tables[self._name(spec)], features[spec.key]
-            if spec.kind == "categorical":
-                parts.append(table(x))
-            else:  # multi-hot: the mean of the active categories' embeddings
-                x = x.to(table.weight.dtype)
-                parts.append(table(x) / x.sum(-1, keepdim=True).clamp_min(1.0))
-        return torch.cat(parts, dim=-1)
+        return torch.cat(embed_features(self.tables, specs, features), dim=-1)
 
     def user_profile(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``p_u``: the concatenated user-feature embeddings (slow parameters only)."""

@@ -2,7 +2,7 @@
 
 User and item side information is embedded (one table per categorical feature; multi-hot
 features such as genres are the mean of their category embeddings, given as 0/1 vectors or as
-bags of category ids: :mod:`metarec_plugins.backbones.bags`), the user and item
+bags of category ids: :mod:`metarec_plugins.backbones.feature_tables`), the user and item
 embeddings are concatenated and passed through the *decision layers* (an MLP) and a linear
 *output layer*. As in the paper, only the decision and output layers adapt per task (fast);
 the embeddings are global (slow). Optional id embeddings (``use_ids``) are slow as well.
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarec import ENCODED, Backbone, DataSchema, PositiveInt
-from metarec_plugins.backbones.bags import bag_mean, is_bag
+from metarec_plugins.backbones.feature_tables import embed_features, feature_tables
 
 
 class MeLU(Backbone):
@@ -38,12 +38,7 @@ class MeLU(Backbone):
         self.specs = list(schema.features)
         if not self.specs and not use_ids:
             raise ValueError("MeLU needs user/item features or use_ids=True")
-        self.embeddings = nn.ModuleDict()
-        for spec in self.specs:
-            name = spec.key.replace(".", "__")
-            self.embeddings[name] = (nn.Embedding(spec.cardinality, embedding_dim)
-                                     if spec.kind == "categorical"
-                                     else nn.Linear(spec.cardinality, embedding_dim, bias=False))
+        self.embeddings = feature_tables(self.specs, embedding_dim)
         self.use_ids = use_ids
         if use_ids:
             self.user_embedding = nn.Embedding(schema.num_users, embedding_dim)
@@ -67,17 +62,7 @@ class MeLU(Backbone):
 
     def encode(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The concatenated user and item embeddings (slow parameters only)."""
-        parts = []
-        for spec in self.specs:
-            table = self.embeddings[spec.key.replace(".", "__")]
-            x = features[spec.key]
-            if spec.kind == "categorical":
-                parts.append(table(x))
-            elif is_bag(x):  # mean of the embeddings of the active categories: a gather
-                parts.append(bag_mean(x, table.weight.t()))
-            else:  # the same mean from a dense 0/1 vector
-                x = x.to(table.weight.dtype)
-                parts.append(table(x) / x.sum(-1, keepdim=True).clamp_min(1.0))
+        parts = embed_features(self.embeddings, self.specs, features)
         if self.use_ids:
             parts += [self.user_embedding(features["user_id"]),
                       self.item_embedding(features["item_id"])]
@@ -101,20 +86,9 @@ class MeLU(Backbone):
         if ENCODED in features:
             h = features[ENCODED]
         else:
-            parts = []
-            for spec in self.specs:
-                name = spec.key.replace(".", "__")
-                table, weight = self.embeddings[name], params[f"embeddings.{name}.weight"]
-                x = features[spec.key]
-                if type(table) is nn.Embedding:
-                    parts.append(F.embedding(x, weight))
-                elif type(table) is not nn.Linear:
-                    return NotImplemented
-                elif is_bag(x):
-                    parts.append(bag_mean(x, weight.t()))
-                else:
-                    x = x.to(weight.dtype)
-                    parts.append(F.linear(x, weight) / x.sum(-1, keepdim=True).clamp_min(1.0))
+            parts = embed_features(self.embeddings, self.specs, features, params, "embeddings.")
+            if parts is None:
+                return NotImplemented
             if self.use_ids:
                 parts += [F.embedding(features["user_id"], params["user_embedding.weight"]),
                           F.embedding(features["item_id"], params["item_embedding.weight"])]

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from metarec import Backbone, DataSchema, NonNegativeFloat, PositiveInt
-from metarec_plugins.backbones.twotower import FeatureEmbeddings
+from metarec_plugins.backbones.feature_tables import FeatureEmbeddings
 
 
 class MatrixFactorization(Backbone):

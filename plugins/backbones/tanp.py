@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarec import ENCODED, Backbone, DataSchema, PositiveFloat, PositiveInt
+from metarec_plugins.backbones.feature_tables import embed_features, feature_tables
 
 Modulation = Literal["film", "gating", "none"]
 FeatureBatch = Mapping[str, torch.Tensor]
@@ -205,11 +206,7 @@ class TaNP(Backbone):
         if not self.specs and not use_ids:
             raise ValueError("TaNP needs user/item features or use_ids=True")
         # Inputs x_ij: one embedding per feature (MeLU's), concatenated.
-        self.embeddings = nn.ModuleDict()
-        for spec in self.specs:
-            self.embeddings[spec.key.replace(".", "__")] = (
-                nn.Embedding(spec.cardinality, embedding_dim) if spec.kind == "categorical"
-                else nn.Linear(spec.cardinality, embedding_dim, bias=False))
+        self.embeddings = feature_tables(self.specs, embedding_dim)
         self.use_ids = use_ids
         if use_ids:
             self.user_embedding = nn.Embedding(schema.num_users, embedding_dim)
@@ -238,15 +235,7 @@ class TaNP(Backbone):
         a batch's precomputed ``features[ENCODED]`` when present)."""
         if ENCODED in features:
             return features[ENCODED]
-        parts = []
-        for spec in self.specs:
-            table = self.embeddings[spec.key.replace(".", "__")]
-            x = features[spec.key]
-            if spec.kind == "categorical":
-                parts.append(table(x))
-            else:  # mean of the embeddings of the active categories
-                x = x.to(table.weight.dtype)
-                parts.append(table(x) / x.sum(-1, keepdim=True).clamp_min(1.0))
+        parts = embed_features(self.embeddings, self.specs, features)
         if self.use_ids:
             parts += [self.user_embedding(features["user_id"]),
                       self.item_embedding(features["item_id"])]

@@ -44,8 +44,9 @@ from metarec import (
     PositiveInt,
     UnitFraction,
 )
+from metarec_plugins.backbones.feature_tables import FeatureEmbeddings
 from metarec_plugins.backbones.lora import add_lora
-from metarec_plugins.backbones.twotower import FeatureEmbeddings, mlp
+from metarec_plugins.backbones.twotower import mlp
 
 HISTORY_KEYS = ("history.item_id", "history.label", "history.mask")
 # The shared layout (``attention: causal``; EpisodeCollator with ``shared_history``): one

@@ -32,40 +32,8 @@ import torch
 from torch import nn
 
 from metarec import Backbone, DataSchema, FeatureSpec, PositiveFloat, PositiveInt
-from metarec_plugins.backbones.bags import bag_mean
+from metarec_plugins.backbones.feature_tables import FeatureEmbeddings
 from metarec_plugins.backbones.lora import LoRALinear, add_lora
-
-
-class MultiHotEmbedding(nn.Module):
-    """Mean of the embeddings of the active categories (zeros when none), of a 0/1 vector
-    ``(*lead, K)`` or of a bag of category ids ``(*lead, L)`` padded with -1 (a sparse gather,
-    :func:`metarec_plugins.backbones.bags.bag_mean`)."""
-
-    def __init__(self, cardinality: int, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(cardinality, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bag_mean(x, self.weight)
-
-
-class FeatureEmbeddings(nn.Module):
-    """One embedding per feature: a table lookup for categorical features, the mean of the
-    active rows for multi-hot ones. Returns the list of ``(*lead, dim)`` embeddings."""
-
-    def __init__(self, specs: Sequence[FeatureSpec], dim: int) -> None:
-        super().__init__()
-        self.specs = list(specs)
-        self.tables = nn.ModuleDict({
-            self.slot(s): nn.Embedding(s.cardinality, dim) if s.kind == "categorical"
-            else MultiHotEmbedding(s.cardinality, dim) for s in self.specs})
-
-    @staticmethod
-    def slot(spec: FeatureSpec) -> str:
-        return spec.key.replace(".", "__")
-
-    def forward(self, features: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [self.tables[self.slot(s)](features[s.key]) for s in self.specs]
 
 
 def mlp(width: int, hidden: Sequence[int]) -> tuple[nn.Sequential, int]:
