@@ -298,6 +298,11 @@ def markdown(result: dict) -> str:
             if goal:
                 cells = [f"**{c}**" if i in (0, 1, 2, 5) else c for i, c in enumerate(cells)]
             lines.append(f"| {backbone} | " + " | ".join(cells).rstrip() + " |")
+    online = [f"{ms(result[b]['online_update']['p50_ms'])} ms ({b})" for b in result["backbones"]
+              if "online_update" in result[b]]
+    if online:
+        lines += ["", "An `online` update (one new event, one step on a replay buffer of 20), "
+                  "p50: " + ", ".join(online) + "."]
     return "\n".join(lines)
 
 

@@ -101,7 +101,9 @@ def markdown(result: dict) -> str:
     lines = [f"Issue 14's targets; measured on {machine}, {cores} cores, torch {torch}.", "",
              "| target | measured | goal | met | note |", "|---|---|---|---|---|"]
     for r in result["rows"]:
-        value = "–" if r["measured"] is None else f"{r['measured']:.3g}{r['unit']}"
+        m = r["measured"]
+        value = ("–" if m is None else f"{m:,.0f}{r['unit']}" if abs(m) >= 1000
+                 else f"{m:.3g}{r['unit']}")
         met = {True: "yes", False: "**no**", None: "–"}[r["met"]]
         lines.append(f"| {r['target']} | {value} | {r['goal_text']} | {met} | {r['note']} |")
     return "\n".join(lines)
