@@ -475,3 +475,20 @@ def test_epsilon_greedy_exploration(fitted):
                            greedy.items.sort().values)
     with pytest.raises(ValueError, match="epsilon"):
         session.recommend(5, epsilon=1.5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 50, 60])
+def test_top_k_is_the_stable_sort_prefix(k):
+    """``recommend``'s top-k equals the first k of a stable descending sort: ties in candidate
+    order, also when the k-th score is tied, and with NaN or infinite scores."""
+    from metarec.serving.session import top_k
+
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 6, (50,), generator=g).float()  # many ties
+    expected = torch.sort(scores, descending=True, stable=True).indices[:k]
+    assert torch.equal(top_k(scores, k), expected)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        odd = scores.clone()
+        odd[[4, 17]] = bad
+        assert torch.equal(top_k(odd, k),
+                           torch.sort(odd, descending=True, stable=True).indices[:k])

@@ -25,6 +25,20 @@ if TYPE_CHECKING:
 __all__ = ["ItemSession", "RankedUsers", "Recommendations", "Session", "UserSession"]
 
 
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, best first, ties in index order: the first ``k`` of
+    a stable descending sort, without sorting every score (``topk`` finds the k-th score; only
+    the scores at or above it are sorted), which matters for catalogues of a million items."""
+    n = scores.shape[0]
+    if k >= n:
+        return torch.sort(scores, descending=True, stable=True).indices
+    kth = torch.topk(scores, k, sorted=False).values.min()
+    if not bool(torch.isfinite(kth)):  # NaN or -inf among the top: the full sort's order
+        return torch.sort(scores, descending=True, stable=True).indices[:k]
+    keep = (scores >= kth).nonzero().flatten()  # index order
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices[:k]]
+
+
 class Recommendations(NamedTuple):
     """Top-k of a user session: contiguous item ids, best first, and their scores (predicted
     ratings for explicit feedback, logits for implicit)."""
@@ -156,10 +170,10 @@ class Session:
             else:
                 keep = ~torch.isin(ids, self._seen)
             ids, scores = ids[keep], scores[keep]
-        ranked = torch.sort(scores, descending=True, stable=True).indices
         if epsilon == 0.0:
-            order = ranked[:k]
+            order = top_k(scores, k)
         else:
+            ranked = torch.sort(scores, descending=True, stable=True).indices
             order = self._explore(ranked, min(k, len(ranked)), epsilon, generator)
         return self.ranked(ids[order].clone(), scores[order])
 
