@@ -17,6 +17,7 @@ from conftest import (
     synthetic_setup,
 )
 from metarec import (
+    ENCODED,
     SGD,
     EpisodeCollator,
     FunctionalModel,
@@ -278,6 +279,24 @@ def test_declared_fast_parameters_are_exactly_what_the_inner_loop_changes(schema
 
 def test_encoded_fast_path_equals_the_full_forward(schema, batch):
     assert_encoded_path_equals_full_forward(functional(make(schema)), task(batch.support, 1))
+
+
+def test_functional_forward_scores_an_encoded_batch_as_the_module(schema, batch):
+    """With the batch's encoding present, the pure scorer equals the module's forward; without
+    it (or with a LoRA-wrapped head) it steps aside for ``functional_call``."""
+    backbone = make(schema)
+    params = dict(backbone.named_parameters())
+    x = {k: v for k, v in batch.support.items() if k not in ("label", "mask", "time")}
+    encoded = {**x, ENCODED: backbone(x, encode_only=True)}
+    assert torch.equal(backbone.functional_forward(params, encoded), backbone(encoded))
+    assert backbone.functional_forward(params, x) is NotImplemented
+    model = functional(backbone)
+    fast, slow = model.split()
+    assert torch.equal(model.predict(fast, slow, model.prepare(slow, batch.support)),
+                       backbone(x))
+    lora = make(schema, lora_rank=2)
+    assert lora.functional_forward(dict(lora.named_parameters()),
+                                   {**x, ENCODED: lora(x, encode_only=True)}) is NotImplemented
 
 
 def test_explicit_starts_at_the_scale_midpoint_and_implicit_at_zero(setup):

@@ -18,6 +18,7 @@ from torch import nn
 
 from metarec import ENCODED, Backbone, DataSchema, PositiveInt
 from metarec_plugins.backbones.feature_tables import embed_features, feature_tables
+from metarec_plugins.backbones.twotower import mlp_head
 
 
 class MeLU(Backbone):
@@ -79,10 +80,6 @@ class MeLU(Backbone):
         ``functional_call(self, params, (features,), {"encode_only": encode_only})``. Returns
         ``NotImplemented`` (use ``functional_call``) when a layer is not the plain one it
         expects, e.g. wrapped by LoRA."""
-        layers = list(self.decision._modules.values())  # (no Sequential slicing: it builds one)
-        if not (all(type(m) is nn.Linear for m in [*layers[0::2], self.output])
-                and all(type(m) is nn.ReLU for m in layers[1::2])):
-            return NotImplemented
         if ENCODED in features:
             h = features[ENCODED]
         else:
@@ -95,12 +92,8 @@ class MeLU(Backbone):
             h = torch.cat(parts, dim=-1)
         if encode_only:
             return h
-        names = [f"decision.{i}" for i in range(0, len(layers), 2)] + ["output"]
-        for i, name in enumerate(names):
-            h = F.linear(h, params[f"{name}.weight"], params[f"{name}.bias"])
-            if i < len(names) - 1:
-                h = F.relu(h)
-        return h.squeeze(-1)
+        scores = mlp_head(self.decision, self.output, "decision.", "output.", params, h)
+        return NotImplemented if scores is None else scores
 
     def default_fast_parameters(self) -> list[str]:
         return ["decision.*", "output.*"]

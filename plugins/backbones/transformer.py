@@ -46,7 +46,7 @@ from metarec import (
 )
 from metarec_plugins.backbones.feature_tables import FeatureEmbeddings
 from metarec_plugins.backbones.lora import add_lora
-from metarec_plugins.backbones.twotower import mlp
+from metarec_plugins.backbones.twotower import mlp, mlp_head
 
 HISTORY_KEYS = ("history.item_id", "history.label", "history.mask")
 # The shared layout (``attention: causal``; EpisodeCollator with ``shared_history``): one
@@ -401,6 +401,23 @@ class Transformer(Backbone):
         if encode_only:
             return x
         return self.output(self.scorer(x)).squeeze(-1)
+
+    def functional_forward(self, params: Mapping[str, torch.Tensor],
+                           features: Mapping[str, torch.Tensor],
+                           encode_only: bool = False) -> torch.Tensor:
+        """:meth:`forward` as a pure function of a parameter dict, for a batch that carries its
+        encoding (``features[ENCODED]``, what the inner loop and the guard score): the scorer
+        and output layer by ``torch.nn.functional`` ops (:func:`mlp_head`), without
+        ``functional_call`` re-binding every parameter of the encoder (most of a deployed
+        user's adaptation time). ``NotImplemented`` otherwise (no encoding: the full encoder
+        runs through ``functional_call``; a LoRA-wrapped head)."""
+        if ENCODED not in features:
+            return NotImplemented
+        x = features[ENCODED]
+        if encode_only:
+            return x
+        scores = mlp_head(self.scorer, self.output, "scorer.", "output.", params, x)
+        return NotImplemented if scores is None else scores
 
     def default_fast_parameters(self) -> list[str]:
         return list(self._fast)

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metarec import Backbone, DataSchema, FeatureSpec, PositiveFloat, PositiveInt
@@ -43,6 +44,23 @@ def mlp(width: int, hidden: Sequence[int]) -> tuple[nn.Sequential, int]:
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
     return nn.Sequential(*layers), width
+
+
+def mlp_head(body: nn.Sequential, out: nn.Module, body_prefix: str, out_prefix: str,
+             params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor | None:
+    """``out(body(x)).squeeze(-1)`` for an :func:`mlp` body and a linear ``out``, as a pure
+    function of a parameter dict (``{body_prefix}{i}.weight``, ``{out_prefix}weight``, ...)
+    with ``torch.nn.functional`` ops: what a backbone's ``functional_forward`` runs instead of
+    ``functional_call``, whose re-binding of every module parameter costs far more than a small
+    head. None when a layer is not a plain ``nn.Linear``/``nn.ReLU`` (e.g. wrapped by LoRA)."""
+    layers = list(body._modules.values())  # (no Sequential slicing: it builds a module)
+    if not (all(type(m) is nn.Linear for m in [*layers[0::2], out])
+            and all(type(m) is nn.ReLU for m in layers[1::2])):
+        return None
+    h = x
+    for i in range(0, len(layers), 2):
+        h = F.relu(F.linear(h, params[f"{body_prefix}{i}.weight"], params[f"{body_prefix}{i}.bias"]))
+    return F.linear(h, params[f"{out_prefix}weight"], params[f"{out_prefix}bias"]).squeeze(-1)
 
 
 class Tower(nn.Module):
