@@ -225,6 +225,7 @@ def _single_task(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         return None
     return tree_map(lambda x: x[0] if isinstance(x, torch.Tensor) else x, args)
 
+
 def _plain() -> bool:
     """Whether this runs outside every torch.func transform, compiler and inference mode: plain
     autograd can then take a first-order inner step (the single-task path of
