@@ -15,14 +15,15 @@ Rows ``large-dense`` vs ``large``: the same model with the item table's gradient
 Sizes run one after the other (each needs its own process for its peak memory): compare rows
 of one run of this script, on an otherwise idle machine.
 
-``--causal`` adds, beside each size, a row ``<size>-causal``: the same model with
-``attention: causal`` (SASRec-style: each task's support events encoded once as one causal
-sequence, every slot reading its state, instead of every slot's history encoded on its own).
+The recipe uses ``attention: causal`` (SASRec-style: each task's support events encoded once
+as one causal sequence, every slot reading its state). ``--target`` adds, beside each size, a
+row ``<size>-target``: the same model with BST-style target attention (every slot's history
+encoded on its own, the candidate attending to it), the recipe's layout before issue 14.
 
     .venv/bin/python benchmarks/backbone_scale.py --quick     # 1 measured step each
     .venv/bin/python benchmarks/backbone_scale.py             # 3 measured steps each
-    .venv/bin/python benchmarks/backbone_scale.py --quick --sizes small --causal \
-        --json /tmp/scale.json                                # target vs causal attention
+    .venv/bin/python benchmarks/backbone_scale.py --quick --sizes small --target \
+        --json /tmp/scale.json                                # causal vs target attention
 """
 
 from __future__ import annotations
@@ -59,13 +60,14 @@ SIZES: dict[str, list[str]] = {
     "large": [],
     "large-dense": DENSE,
 }
-CAUSAL = ["--model.backbone_args.attention", "causal"]
+TARGET = ["--model.backbone_args.attention", "target"]
 
 
 def overrides_of(size: str) -> list[str]:
-    """A size's overrides; ``<size>-causal``: with causal attention."""
-    if size.endswith("-causal") and size[:-len("-causal")] in SIZES:
-        return SIZES[size[:-len("-causal")]] + CAUSAL
+    """A size's overrides; ``<size>-target``: with target attention instead of the recipe's
+    causal attention."""
+    if size.endswith("-target") and size[:-len("-target")] in SIZES:
+        return SIZES[size[:-len("-target")]] + TARGET
     return SIZES[size]
 
 
@@ -125,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured meta-steps per size")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated subset")
-    parser.add_argument("--causal", action="store_true",
-                        help="also run each size with attention: causal (rows <size>-causal)")
+    parser.add_argument("--target", action="store_true",
+                        help="also run each size with attention: target (rows <size>-target)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -136,11 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     sizes = args.sizes.split(",")
-    if args.causal:
-        sizes = [s for size in sizes for s in (size, f"{size}-causal")]
+    if args.target:
+        sizes = [s for size in sizes for s in (size, f"{size}-target")]
     for size in sizes:
-        if size not in SIZES and not (size.endswith("-causal")
-                                      and size[:-len("-causal")] in SIZES):
+        if size not in SIZES and not (size.endswith("-target")
+                                      and size[:-len("-target")] in SIZES):
             parser.error(f"unknown size {size!r}; sizes are {list(SIZES)}")
         out = subprocess.run([sys.executable, __file__, "--worker", size, "--steps", str(steps),
                               "--warmup", str(args.warmup)] + (["--quick"] if args.quick else []),

@@ -6,7 +6,7 @@ key it comes from, and whether it is met. docs/results.md renders it (``performa
 
     python benchmarks/meta_train_throughput.py --compile --l2l-python <l2l venv>/bin/python
     python benchmarks/adaptation_latency.py
-    python benchmarks/backbone_scale.py --steps 5 --warmup 2 --causal
+    python benchmarks/backbone_scale.py --steps 5 --warmup 2 --target
     python benchmarks/fomelu_epoch.py
     python benchmarks/performance_targets.py          # then: python benchmarks/docs_tables.py --write
 """
@@ -79,10 +79,11 @@ def collect() -> dict[str, Any]:
                      "adaptation_latency.json: transformer.results"))
     by_name = {r.get("config") or r.get("size") or r.get("name"): r
                for r in scale.get("rows", []) if isinstance(r, dict)}
-    for name in ("large", "large-causal"):
+    for name, attention in (("large", "the recipe: causal attention"),
+                            ("large-target", "target attention, the recipe before")):
         r = by_name.get(name) or {}
         step = r.get("step_s")
-        rows.append(_row(f"259M transformer, s per meta-step ({name})",
+        rows.append(_row(f"259M transformer, s per meta-step ({attention})",
                          step, LARGE_BEFORE_S / 2, False, " s",
                          "backbone_scale.json: rows",
                          f"{LARGE_BEFORE_S} s when the issue was filed; peak RSS "
