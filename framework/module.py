@@ -263,21 +263,22 @@ class MetaLearner(pl.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- adaptation and evaluation --------------------------------------------------------
+    def _detached(self) -> tuple[Params, Params]:
+        """Detached copies of the (fast, slow) parameters: what adaptation starts from."""
+        fast, slow = self.functional.split()
+        return ({k: v.detach() for k, v in fast.items()},
+                {k: v.detach() for k, v in slow.items()})
+
     def adapt(self, batch: EpisodeBatch) -> list[dict[str, torch.Tensor]]:
         """The policy's iterates (steps 0..k) for each task of ``batch``; module unchanged."""
-        fast, slow = self.functional.split()
-        fast = {k: v.detach() for k, v in fast.items()}
-        slow = {k: v.detach() for k, v in slow.items()}
-        return self.policy.adapt(self.functional, fast, slow, batch.support)
+        return self.policy.adapt(self.functional, *self._detached(), batch.support)
 
     def adapt_guarded(self, batch: EpisodeBatch
                       ) -> tuple[list[Params], list[torch.Tensor], list[torch.Tensor]]:
         """:meth:`adapt` under the divergence guard (:func:`guard_iterates`): ``(iterates,
         diverged, scores)``, ``diverged[s]`` ``(B,)`` marking the tasks caught by step ``s`` and
         ``scores[s]`` the query scores at step ``s``."""
-        fast, slow = self.functional.split()
-        fast = {k: v.detach() for k, v in fast.items()}
-        slow = {k: v.detach() for k, v in slow.items()}
+        fast, slow = self._detached()
         # The backbone's slow-only encoding of the support set, once for the policy and the
         # guard (both skip it when present).
         support = self.functional.prepare(slow, batch.support)

@@ -14,12 +14,20 @@ from metarec_plugins.backbones.lora import add_lora
 from metarec_plugins.backbones.melu import MeLU
 
 
+def _melu(schema, hidden=(8, 6), double=True, **kwargs):
+    """A small seeded MeLU and its FunctionalModel on the default fast parameters."""
+    torch.manual_seed(0)
+    melu = MeLU(schema, embedding_dim=4, hidden=hidden, **kwargs)
+    melu = melu.double() if double else melu
+    return melu, FunctionalModel(melu, select_parameters(melu, melu.default_fast_parameters()),
+                                 "explicit")
+
+
 @pytest.mark.parametrize("use_ids", [False, True])
 @pytest.mark.parametrize("bags", [False, True])
 def test_functional_forward_is_bit_identical(use_ids, bags):
     table, batch = synthetic_batch(n_tasks=4)
-    torch.manual_seed(0)
-    melu = MeLU(table.schema, embedding_dim=4, hidden=(8, 6), use_ids=use_ids).double()
+    melu, model = _melu(table.schema, use_ids=use_ids)
     x = {k: v for k, v in batch.query.items() if k not in ("label", "mask", "time")}
     if bags:
         for spec in table.schema.features:
@@ -31,8 +39,6 @@ def test_functional_forward_is_bit_identical(use_ids, bags):
     encoded = {**x, "_encoded": melu.encode(x)}
     assert torch.equal(melu.functional_forward(params, encoded), melu(encoded))
     # Gradients under vmap (per-task parameters) agree too.
-    model = FunctionalModel(melu, select_parameters(melu, melu.default_fast_parameters()),
-                            "explicit")
     fast, slow = model.split()
     per_task = {k: v.detach().expand(4, *v.shape).clone() for k, v in fast.items()}
     support = {**batch.support}
@@ -51,10 +57,7 @@ def test_the_pure_encoder_equals_the_encode_only_forward():
     """``prepare`` encodes through ``functional_forward(..., encode_only=True)``: the same
     encoding as the module's ``forward(encode_only=True)``, from the slow parameters alone."""
     table, batch = synthetic_batch(n_tasks=3)
-    torch.manual_seed(0)
-    melu = MeLU(table.schema, embedding_dim=4, hidden=(8, 6), use_ids=True).double()
-    model = FunctionalModel(melu, select_parameters(melu, melu.default_fast_parameters()),
-                            "explicit")
+    melu, model = _melu(table.schema, use_ids=True)
     fast, slow = model.split()
     x = {k: v for k, v in batch.support.items() if k not in ("label", "mask", "time")}
     prepared = model.prepare(slow, batch.support)
@@ -96,10 +99,7 @@ def test_first_order_single_task_plain_autograd_equals_functorch(monkeypatch):
     from metarec import SGD, vmap_tasks
 
     table, batch = synthetic_batch(n_tasks=1)
-    torch.manual_seed(0)
-    melu = MeLU(table.schema, embedding_dim=4, hidden=(8, 6), use_ids=False).double()
-    model = FunctionalModel(melu, select_parameters(melu, melu.default_fast_parameters()),
-                            "explicit")
+    melu, model = _melu(table.schema)
     fast, slow = model.split()
     fast = {**fast, "unused": torch.ones(3, dtype=torch.float64, requires_grad=True)}
     calls = []
@@ -132,10 +132,7 @@ def test_support_losses_are_the_iterates_support_losses(tasks, custom):
     from metarec import SGD, vmap_tasks
 
     table, batch = synthetic_batch(n_tasks=tasks)
-    torch.manual_seed(0)
-    melu = MeLU(table.schema, embedding_dim=4, hidden=(8, 6)).double()
-    model = FunctionalModel(melu, select_parameters(melu, melu.default_fast_parameters()),
-                            "explicit")
+    melu, model = _melu(table.schema)
     fast, slow = model.split()
     fast = {k: v.detach() for k, v in fast.items()}
     objective = None
@@ -158,10 +155,7 @@ def test_compiled_inner_steps_equal_eager():
     from metarec import SGD
 
     table, batch = synthetic_batch(n_tasks=1)
-    torch.manual_seed(0)
-    melu = MeLU(table.schema, embedding_dim=4, hidden=(8,))
-    model = FunctionalModel(melu, select_parameters(melu, melu.default_fast_parameters()),
-                            "explicit")
+    melu, model = _melu(table.schema, hidden=(8,), double=False)
     fast, slow = model.split()
     fast = {k: v.detach() for k, v in fast.items()}
     slow = {k: v.detach() for k, v in slow.items()}

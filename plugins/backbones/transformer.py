@@ -403,20 +403,18 @@ class Transformer(Backbone):
         return self.output(self.scorer(x)).squeeze(-1)
 
     def functional_forward(self, params: Mapping[str, torch.Tensor],
-                           features: Mapping[str, torch.Tensor],
-                           encode_only: bool = False) -> torch.Tensor:
+                           features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """:meth:`forward` as a pure function of a parameter dict, for a batch that carries its
         encoding (``features[ENCODED]``, what the inner loop and the guard score): the scorer
         and output layer by ``torch.nn.functional`` ops (:func:`mlp_head`), without
         ``functional_call`` re-binding every parameter of the encoder (most of a deployed
         user's adaptation time). ``NotImplemented`` otherwise (no encoding: the full encoder
-        runs through ``functional_call``; a LoRA-wrapped head)."""
+        runs through ``functional_call``; a LoRA-wrapped head). No ``encode_only``: the
+        history encoder has no pure form, so ``prepare`` encodes through ``functional_call``."""
         if ENCODED not in features:
             return NotImplemented
-        x = features[ENCODED]
-        if encode_only:
-            return x
-        scores = mlp_head(self.scorer, self.output, "scorer.", "output.", params, x)
+        scores = mlp_head(self.scorer, self.output, "scorer.", "output.", params,
+                          features[ENCODED])
         return NotImplemented if scores is None else scores
 
     def default_fast_parameters(self) -> list[str]:
